@@ -1,0 +1,225 @@
+"""A netvm in a namespace, an embedded XenStore, and VMs behind veth "vifs".
+
+The harness runs the installed ``vif-route-qubes`` exactly as the toolstack
+would (``ip netns exec NETVM vif-route-qubes online type_if=vif`` with
+``XENBUS_PATH`` and ``vif`` in the environment) and reads kernel state back
+with the distribution's own tools, never with our adapters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyxs
+
+from .conftest import Netns, NetnsFactory, entry_point
+
+NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
+GATEWAY = "10.137.0.1"
+GATEWAY6 = "fd09:24ef:4179::a89:1"
+UPLINK_NET = "192.0.2"
+PROBE = str(Path(__file__).with_name("udp_probe.py"))
+
+
+@dataclass
+class Vm:
+    domid: int
+    ns: Netns
+    ips: list[str]
+
+    @property
+    def vif(self) -> str:
+        return f"vif{self.domid}.0"
+
+    @property
+    def ip(self) -> str:
+        return self.ips[0]
+
+
+@dataclass
+class Netvm:
+    factory: NetnsFactory
+    ns: Netns
+    tmp: Path
+    xs_path: str
+    vms: dict[int, Vm] = field(default_factory=dict)
+    uplink: Netns | None = None
+
+    # --- configuration ------------------------------------------------------
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "XENSTORED_PATH": self.xs_path,
+            "VIF_HOTPLUG_CONF": str(self.tmp / "netvm.conf"),
+            "VIF_HOTPLUG_LOCK": str(self.tmp / "hotplug.lock"),
+            "VIF_HOTPLUG_HOOKS_DIR": str(self.tmp / "hooks"),
+            "XTABLES_LOCKFILE": str(self.tmp / "xtables.lock"),
+        }
+
+    def write_conf(self, text: str) -> None:
+        (self.tmp / "netvm.conf").write_text(text)
+
+    def xs_write(self, path: str, value: str) -> None:
+        with pyxs.Client(unix_socket_path=self.xs_path) as c:
+            if value == "":
+                c.mkdir(path.encode())
+            else:
+                c.write(path.encode(), value.encode())
+
+    def xs_read(self, path: str) -> str | None:
+        with pyxs.Client(unix_socket_path=self.xs_path) as c:
+            try:
+                return str(c.read(path.encode()).decode())
+            except pyxs.PyXSError:
+                return None
+
+    def xs_rm(self, path: str) -> None:
+        with pyxs.Client(unix_socket_path=self.xs_path) as c:
+            c.delete(path.encode())
+
+    def backend(self, domid: int) -> str:
+        return f"/local/domain/0/backend/vif/{domid}/0"
+
+    # --- topology -----------------------------------------------------------
+
+    def add_vm(
+        self, domid: int, ips: list[str] | None = None, mac: str | None = None, extra: dict[str, str] | None = None,
+        make_link: bool = True,
+    ) -> Vm:
+        """A VM namespace, the veth standing in for netback's vif, and libxl's XenStore entries."""
+        ips = ips or [f"10.137.0.{domid}"]
+        mac = mac or f"00:16:3e:5e:6c:{domid % 256:02x}"
+        vm_ns = self.factory("vhvm")
+        vm = Vm(domid, vm_ns, ips)
+        if make_link:
+            self.ns.run("ip", "link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth", "peer", "name", "vmnic0",
+                        "address", mac)
+            self.ns.run("ip", "link", "set", "vmnic0", "netns", vm_ns.name)
+            for ip in ips:
+                plen = "128" if ":" in ip else "32"
+                vm_ns.run("ip", "addr", "add", f"{ip}/{plen}", "dev", "vmnic0")
+            vm_ns.run("ip", "link", "set", "vmnic0", "up")
+            vm_ns.run("ip", "neigh", "replace", GATEWAY, "lladdr", NETBACK_MAC, "dev", "vmnic0", "nud", "permanent")
+            vm_ns.run("ip", "route", "add", "default", "via", GATEWAY, "dev", "vmnic0", "onlink")
+        base = self.backend(domid)
+        entries = {
+            "frontend": f"/local/domain/{domid}/device/vif/0",
+            "frontend-id": str(domid),
+            "online": "1",
+            "state": "2",
+            "script": "/etc/xen/scripts/vif-route-qubes",
+            "mac": mac,
+            "ip": " ".join(ips),
+            "type": "vif",
+            "handle": "0",
+        }
+        entries.update(extra or {})
+        for key, value in entries.items():
+            if value is not None:
+                self.xs_write(f"{base}/{key}", value)
+        self.vms[domid] = vm
+        return vm
+
+    def add_uplink(self) -> Netns:
+        """An "uplink" namespace routed to the netvm through ``uplink0`` (never eth0)."""
+        up = self.factory("vhup")
+        self.ns.run("ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "wan0")
+        self.ns.run("ip", "link", "set", "wan0", "netns", up.name)
+        self.ns.run("ip", "addr", "add", f"{UPLINK_NET}.1/24", "dev", "uplink0")
+        self.ns.run("ip", "link", "set", "uplink0", "up")
+        up.run("ip", "addr", "add", f"{UPLINK_NET}.2/24", "dev", "wan0")
+        up.run("ip", "link", "set", "wan0", "up")
+        # No NAT here: the uplink routes the VM range back, so it sees real sources.
+        up.run("ip", "route", "add", "10.137.0.0/16", "via", f"{UPLINK_NET}.1")
+        self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.uplink = up
+        return up
+
+    # --- running the hotplug script ------------------------------------------
+
+    def hotplug(self, command: str, domid: int | None = None, *args: str, env: dict[str, str] | None = None,
+                check: bool = True, vif: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``vif-route-qubes COMMAND type_if=vif`` as libxl runs it for ``domid``."""
+        full = dict(self.env)
+        if domid is not None:
+            full.update({
+                "XENBUS_PATH": f"backend/vif/{domid}/0",
+                "XENBUS_TYPE": "vif",
+                "XENBUS_BASE_PATH": "backend",
+                "vif": vif or f"vif{domid}.0",
+                "script": "/etc/xen/scripts/vif-route-qubes",
+                "netdev": "",
+            })
+        full.update(env or {})
+        argv = args if args else ("type_if=vif",)
+        proc = self.ns.run(entry_point("vif-route-qubes"), command, *argv, env=full, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"vif-route-qubes {command} {domid} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def status(self, domid: int) -> str | None:
+        return self.xs_read(f"{self.backend(domid)}/hotplug-status")
+
+    # --- reading state back -----------------------------------------------------
+
+    def dump(self) -> dict[str, list[str]]:
+        """Everything a vif can change in the netvm namespace, normalised for comparison."""
+        sh = self.ns.sh
+        links = []
+        for line in self.ns.run("ip", "-o", "-d", "link", "show").stdout.splitlines():
+            words = line.split()
+            name = words[1].rstrip(":").split("@")[0]
+            flags = words[2]
+            up = "UP" in flags.strip("<>").split(",")
+            group = words[words.index("group") + 1] if "group" in words else "?"
+            mac = words[words.index("link/ether") + 1] if "link/ether" in words else "-"
+            links.append(f"{name} up={up} group={group} mac={mac}")
+        sysctls = sh(
+            "grep -H . /proc/sys/net/ipv4/conf/*/proxy_arp /proc/sys/net/ipv6/conf/*/proxy_ndp "
+            "/proc/sys/net/ipv6/conf/*/disable_ipv6 /proc/sys/net/ipv4/ip_forward 2>/dev/null || true"
+        ).stdout
+        return {
+            "links": sorted(links),
+            "addresses": sorted(self.ns.run("ip", "-o", "addr", "show").stdout.replace("\\", "").splitlines()),
+            "routes4": sorted(self.ns.run("ip", "route", "show", "table", "all").stdout.splitlines()),
+            "routes6": sorted(self.ns.run("ip", "-6", "route", "show", "table", "all").stdout.splitlines()),
+            "neigh": sorted(sh("ip neigh show nud permanent; ip -6 neigh show nud permanent").stdout.splitlines()),
+            "sysctls": sorted(sysctls.splitlines()),
+            "rules": sorted(
+                re.sub(r" \[\d+:\d+\]$", "", line)
+                for line in sh("iptables-legacy-save; ip6tables-legacy-save").stdout.splitlines()
+                if not line.startswith("#")
+            ),
+            "sets": sorted(
+                line for line in self.ns.run("ipset", "list").stdout.splitlines()
+                if not line.startswith(("Header:", "Size in memory:", "References:"))
+            ),
+        }
+
+    def set_members(self, name: str) -> list[str]:
+        out = self.ns.run("ipset", "list", name, check=False).stdout
+        return sorted(out.split("Members:\n", 1)[1].split()) if "Members:" in out else []
+
+
+def udp_listen(ns: Netns, addr: str, port: int, count_file: Path) -> subprocess.Popen[str]:
+    """Start a UDP listener in ``ns`` that appends each sender address to ``count_file``."""
+    proc = ns.popen([sys.executable, PROBE, "listen", addr, str(port), str(count_file)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready = proc.stdout.readline()
+    assert ready.strip() == "ready", ready
+    return proc
+
+
+def udp_send(ns: Netns, src: str, dst: str, port: int, payload: str) -> None:
+    ns.run(sys.executable, PROBE, "send", src, dst, str(port), payload)
+
+
+def env_without_xenbus() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("XENBUS_PATH", "vif")}

@@ -1,0 +1,3 @@
+"""Routed network hotplug for Xen driver domains."""
+
+__version__ = "0.1.0"

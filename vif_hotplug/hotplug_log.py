@@ -1,0 +1,49 @@
+"""Logging set-up for the entry points (library modules only get loggers).
+
+Lines go to journald/syslog through ``/dev/log`` when it exists and to
+``/var/log/xen/xen-hotplug.log`` when that directory exists, as Xen's own
+scripts do; a missing destination is skipped, never an error. stderr gets
+warnings and errors (everything with ``-v``).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+XEN_LOG = "/var/log/xen/xen-hotplug.log"
+
+
+def configure(ident: str, verbose: bool = False) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    stderr.setFormatter(logging.Formatter(f"{ident}: %(message)s"))
+    root.addHandler(stderr)
+    # Libraries' own debug chatter (pyroute2 logs every netlink message) is
+    # not what -v is for.
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    if os.path.exists("/dev/log"):
+        try:
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            syslog.setFormatter(logging.Formatter(f"{ident}[{os.getpid()}]: %(message)s"))
+            syslog.setLevel(logging.INFO)
+            root.addHandler(syslog)
+        except OSError:
+            pass
+    if os.path.isdir(os.path.dirname(XEN_LOG)):
+        try:
+            fileh = logging.FileHandler(XEN_LOG)
+            fileh.setFormatter(logging.Formatter(f"%(asctime)s {ident}[{os.getpid()}]: %(message)s"))
+            fileh.setLevel(logging.INFO)
+            root.addHandler(fileh)
+        except OSError:
+            pass

@@ -1,0 +1,249 @@
+"""Thin adapter over pyroute2: links, addresses, routes, neighbours, sysctls, conntrack.
+
+Every method is idempotent and says whether it changed anything. Kernel
+errors are translated here, at one boundary: "exists" on add and "not there"
+on delete are success; a missing device is :class:`DeviceGone`; anything else
+is :class:`KernelError` naming the object.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from ipaddress import ip_interface, ip_network
+from typing import Any
+
+from .errors import DeviceGone, KernelError
+from .model import DeviceAddress, LinkFacts, LinkGroup, LinkRename, LinkState, Neighbour, Route, Sysctl
+
+log = logging.getLogger(__name__)
+
+NUD_PERMANENT = 0x80
+IFF_UP = 0x1
+#: "Not there" answers to a delete, per object kind (ESRCH: routes,
+#: EADDRNOTAVAIL: addresses, ENOENT: neighbours).
+_GONE = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
+
+
+def _sysctl_path(family: str, dev: str, name: str) -> str:
+    return f"/proc/sys/net/{family}/conf/{dev}/{name}"
+
+
+class Netlink:
+    """One rtnetlink socket in the caller's network namespace. Close it when done."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+
+        self._ipr: Any = IPRoute()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    # --- facts ----------------------------------------------------------
+
+    def index(self, dev: str) -> int | None:
+        found = self._ipr.link_lookup(ifname=dev)
+        return int(found[0]) if found else None
+
+    def _require(self, dev: str) -> int:
+        idx = self.index(dev)
+        if idx is None:
+            raise DeviceGone(f"device {dev} does not exist")
+        return idx
+
+    def link_facts(self, dev: str) -> LinkFacts:
+        exists = self.index(dev) is not None
+        disabled = not os.path.isdir("/proc/sys/net/ipv6")
+        if not disabled:
+            for scope in ("all", dev):
+                try:
+                    with open(_sysctl_path("ipv6", scope, "disable_ipv6")) as f:
+                        disabled = disabled or f.read().strip() == "1"
+                except OSError:
+                    pass
+        defaults = []
+        for key in ("ipv4/proxy_arp", "ipv6/proxy_ndp"):
+            family, name = key.split("/")
+            try:
+                with open(_sysctl_path(family, "default", name)) as f:
+                    defaults.append((key, f.read().strip()))
+            except OSError:
+                defaults.append((key, "0"))
+        return LinkFacts(
+            exists=exists,
+            ipv6_disabled=disabled,
+            ipv6_in_kernel=os.path.isdir("/proc/sys/net/ipv6"),
+            sysctl_defaults=tuple(defaults),
+        )
+
+    # --- settings: return the previous value when changed, else None ----
+
+    def set_sysctl(self, s: Sysctl) -> Sysctl | None:
+        path = _sysctl_path(s.family, s.dev, s.name)
+        try:
+            with open(path) as f:
+                old = f.read().strip()
+            if old == s.value:
+                return None
+            with open(path, "w") as f:
+                f.write(s.value)
+        except FileNotFoundError:
+            raise DeviceGone(f"cannot set {s}: {path} does not exist") from None
+        except OSError as exc:
+            raise KernelError(f"cannot set {s}: {exc.strerror}") from exc
+        return Sysctl(s.family, s.dev, s.name, old)
+
+    def _link(self, dev: str) -> Any:
+        return self._ipr.get_links(self._require(dev))[0]
+
+    def _set_link(self, what: object, dev: str, **kw: Any) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            self._ipr.link("set", index=self._require(dev), **kw)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                raise DeviceGone(f"cannot set {what}: device {dev} is gone") from exc
+            raise KernelError(f"cannot set {what}: {os.strerror(exc.code)}") from exc
+
+    def set_group(self, g: LinkGroup) -> LinkGroup | None:
+        old = int(self._link(g.dev).get_attr("IFLA_GROUP") or 0)
+        if old == g.group:
+            return None
+        self._set_link(g, g.dev, group=g.group)
+        return LinkGroup(g.dev, old)
+
+    def set_state(self, s: LinkState) -> LinkState | None:
+        up = bool(self._link(s.dev)["flags"] & IFF_UP)
+        if up == s.up:
+            return None
+        self._set_link(s, s.dev, state="up" if s.up else "down")
+        return LinkState(s.dev, up)
+
+    def rename(self, r: LinkRename) -> LinkRename | None:
+        if self.index(r.new_name) is not None and self.index(r.dev) is None:
+            return None  # already renamed
+        if self.index(r.new_name) is not None:
+            raise KernelError(f"cannot rename {r.dev} to {r.new_name}: a device of that name exists")
+        if self._link(r.dev)["flags"] & IFF_UP:
+            self._set_link(r, r.dev, state="down")  # the kernel renames only down links
+        self._set_link(r, r.dev, ifname=r.new_name)
+        return LinkRename(r.new_name, r.dev)
+
+    # --- objects: add/remove return whether they changed anything --------
+
+    def _call(self, what: object, op: str, fn: Any, *args: Any, **kw: Any) -> bool:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            fn(*args, **kw)
+            return True
+        except NetlinkError as exc:
+            if op == "add" and exc.code == errno.EEXIST:
+                return False
+            if op == "remove" and exc.code in _GONE:
+                return False
+            if exc.code == errno.ENODEV:
+                raise DeviceGone(f"cannot {op} {what}: device is gone") from exc
+            raise KernelError(f"cannot {op} {what}: {os.strerror(exc.code)}") from exc
+
+    def _routes(self, r: Route, idx: int) -> list[tuple[str, int, int]]:
+        net = ip_network(r.destination)
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        out = []
+        for msg in self._ipr.route("dump", family=family, oif=idx):
+            out.append((str(msg.get_attr("RTA_DST")), int(msg["dst_len"]), int(msg.get_attr("RTA_PRIORITY") or 0)))
+        return out
+
+    def add_route(self, r: Route) -> bool:
+        idx = self._require(r.dev)
+        net = ip_network(r.destination)
+        if (str(net.network_address), net.prefixlen, r.metric) in self._routes(r, idx):
+            return False
+        if not self._call(r, "add", self._ipr.route, "add", dst=r.destination, oif=idx, priority=r.metric):
+            # Same destination and metric through another device: not ours to claim.
+            raise KernelError(f"cannot add {r}: {r.destination} metric {r.metric} is routed elsewhere")
+        return True
+
+    def remove_route(self, r: Route) -> bool:
+        idx = self.index(r.dev)
+        if idx is None:
+            return False  # routes die with their device
+        return self._call(r, "remove", self._ipr.route, "del", dst=r.destination, oif=idx, priority=r.metric)
+
+    def add_address(self, a: DeviceAddress) -> bool:
+        iface = ip_interface(a.address)
+        return self._call(
+            a, "add", self._ipr.addr, "add", index=self._require(a.dev), address=str(iface.ip),
+            prefixlen=iface.network.prefixlen,
+        )
+
+    def remove_address(self, a: DeviceAddress) -> bool:
+        idx = self.index(a.dev)
+        if idx is None:
+            return False
+        iface = ip_interface(a.address)
+        return self._call(
+            a, "remove", self._ipr.addr, "del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen
+        )
+
+    def _neighbour(self, n: Neighbour, idx: int) -> tuple[str, int] | None:
+        for msg in self._ipr.get_neighbours(ifindex=idx, dst=n.address):
+            if str(msg.get_attr("NDA_DST")) == n.address:
+                return str(msg.get_attr("NDA_LLADDR") or ""), int(msg["state"])
+        return None
+
+    def add_neighbour(self, n: Neighbour) -> bool:
+        idx = self._require(n.dev)
+        if self._neighbour(n, idx) == (n.mac, NUD_PERMANENT):
+            return False
+        self._call(
+            n, "add", self._ipr.neigh, "replace", dst=n.address, lladdr=n.mac, ifindex=idx, state=NUD_PERMANENT
+        )
+        return True
+
+    def remove_neighbour(self, n: Neighbour) -> bool:
+        idx = self.index(n.dev)
+        if idx is None or self._neighbour(n, idx) is None:
+            return False
+        return self._call(n, "remove", self._ipr.neigh, "del", dst=n.address, ifindex=idx)
+
+    # --- conntrack --------------------------------------------------------
+
+    def purge_conntrack(self, address: str) -> int:
+        """Delete conntrack entries whose original or reply tuple has ``address``.
+
+        Returns how many went. Entries that vanish meanwhile are not errors.
+        """
+        from pyroute2 import Conntrack
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        removed = 0
+        ct = Conntrack(nfgen_family=family)
+        try:
+            # Collect first: deleting while pyroute2's dump generator is open
+            # closes its event loop under it.
+            found: dict[str, Any] = {}
+            for field in ("saddr", "daddr"):
+                for which in ("tuple_orig", "tuple_reply"):
+                    flt = NFCTAttrTuple(family=family, **{field: address})
+                    for entry in list(ct.dump_entries(**{which: flt})):
+                        found.setdefault(repr(entry.tuple_orig), entry)
+            for entry in found.values():
+                try:
+                    ct.delete(entry)
+                    removed += 1
+                except NetlinkError as exc:
+                    if exc.code != errno.ENOENT:  # expired meanwhile
+                        msg = f"cannot purge conntrack for {address}: {os.strerror(exc.code)}"
+                        raise KernelError(msg) from exc
+        except NetlinkError as exc:
+            raise KernelError(f"cannot list conntrack for {address}: {os.strerror(exc.code)}") from exc
+        finally:
+            ct.close()
+        return removed

@@ -1,0 +1,130 @@
+"""How the toolstack calls us, and what it left in XenStore for us.
+
+Two invocation forms (see ``../shared/README.md`` §1):
+
+* toolstack / udev: ``online|offline|add|remove [key=value ...]`` with env
+  ``XENBUS_PATH=backend/vif/<domid>/<devid>`` and usually ``vif=<ifname>``;
+* by hand: ``online|offline vif<domid>.<devid>``, the XenStore path derived
+  from the name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from .errors import InvalidInput
+from .model import VmNetwork
+from .validation import VifId, parse_ifname, parse_mac, parse_vif_name, parse_vm_addresses, parse_xenbus_path
+
+if TYPE_CHECKING:
+    from .xenstore_client import XenStore
+
+Command = Literal["online", "offline", "add", "remove"]
+COMMANDS: tuple[Command, ...] = ("online", "offline", "add", "remove")
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+_VALUE_RE = re.compile(r"[A-Za-z0-9_.:/-]{0,64}")
+
+
+@dataclass(frozen=True)
+class HotplugEvent:
+    command: Command
+    vif: VifId
+    #: Interface name netback (or udev) gave us; the vif may be renamed later.
+    dev: str
+    options: tuple[tuple[str, str], ...] = ()
+    manual: bool = False
+
+    @property
+    def xenbus_path(self) -> str:
+        return self.vif.xenbus_path
+
+    @property
+    def type_if(self) -> str:
+        return dict(self.options).get("type_if", "vif")
+
+
+def parse_invocation(args: Sequence[str], env: Mapping[str, str]) -> HotplugEvent:
+    """Validate argv (after the command) and env; raises ``InvalidInput``."""
+    if not args:
+        raise InvalidInput("missing command: expected online, offline, add or remove")
+    command, rest = args[0], list(args[1:])
+    if command not in COMMANDS:
+        raise InvalidInput(f"invalid command {command[:32]!r}: expected online, offline, add or remove")
+    options: list[tuple[str, str]] = []
+    positional: list[str] = []
+    for arg in rest:
+        key, eq, value = arg.partition("=")
+        if eq:
+            if not _KEY_RE.fullmatch(key) or not _VALUE_RE.fullmatch(value):
+                raise InvalidInput(f"invalid argument {arg[:64]!r}: expected key=value")
+            options.append((key, value))
+        else:
+            positional.append(arg)
+    if len(positional) > 1:
+        raise InvalidInput(f"unexpected argument {positional[1][:64]!r}")
+    cmd: Command = command
+    if positional:
+        vif = parse_vif_name(positional[0])
+        return HotplugEvent(cmd, vif, vif.name, tuple(options), manual=True)
+
+    xenbus_path = env.get("XENBUS_PATH")
+    if not xenbus_path:
+        raise InvalidInput("XENBUS_PATH is not set (toolstack form) and no vif name given (manual form)")
+    vif = parse_xenbus_path(xenbus_path)
+    dev = env.get("vif") or vif.name
+    if dev != vif.name:
+        if dev.startswith("vif") and re.fullmatch(r"vif[0-9]+\.[0-9]+", dev):
+            got = parse_vif_name(dev)
+            if got != vif:
+                raise InvalidInput(f"invalid vif {dev!r}: does not match XENBUS_PATH {xenbus_path}")
+        else:
+            parse_ifname(dev, "vif")
+    return HotplugEvent(cmd, vif, dev, tuple(options), manual=False)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The vif's backend keys, validated. ``vm`` is None when ``ip`` is absent."""
+
+    vm: VmNetwork | None
+    vifname: str | None
+
+
+def read_backend(xs: XenStore, xenbus_path: str, require: bool) -> BackendConfig:
+    """Read ``ip``, ``mac``, ``type`` and ``vifname`` under ``xenbus_path``.
+
+    With ``require`` (online) ``ip`` and ``mac`` must be present and valid;
+    otherwise (offline) a missing ``ip`` gives ``vm=None``, but a present
+    value must still be valid. Raises ``InvalidInput`` naming the value.
+    """
+    ip = xs.read(f"{xenbus_path}/ip")
+    mac = xs.read(f"{xenbus_path}/mac")
+    vif_type = xs.read(f"{xenbus_path}/type") or "vif"
+    vifname = xs.read(f"{xenbus_path}/vifname") or None
+    if vifname is not None:
+        parse_ifname(vifname, "vifname")
+    if not re.fullmatch(r"[a-z0-9_-]{1,16}", vif_type):
+        raise InvalidInput(f"invalid type {vif_type[:32]!r} in {xenbus_path}")
+    if ip is None or not ip.strip():
+        if require:
+            raise InvalidInput(f"invalid ip {ip or ''!r}: {xenbus_path}/ip is empty or missing")
+        return BackendConfig(None, vifname)
+    networks = parse_vm_addresses(ip)
+    if mac is None or not mac:
+        if require:
+            raise InvalidInput(f"invalid mac '': {xenbus_path}/mac is empty or missing")
+        mac = "00:00:00:00:00:00"
+    return BackendConfig(VmNetwork(networks, parse_mac(mac), vif_type), vifname)
+
+
+def report_connected(xs: XenStore, xenbus_path: str) -> None:
+    xs.write(f"{xenbus_path}/hotplug-status", "connected")
+
+
+def report_error(xs: XenStore, xenbus_path: str, message: str) -> None:
+    # hotplug-error first: the toolstack wakes on hotplug-status and reads it.
+    xs.write(f"{xenbus_path}/hotplug-error", message)
+    xs.write(f"{xenbus_path}/hotplug-status", "error")
