@@ -23,6 +23,8 @@ NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
 GATEWAY = "10.137.0.1"
 GATEWAY6 = "fd09:24ef:4179::a89:1"
 UPLINK_NET = "192.0.2"
+UPLINK6_NET = "fd00:2"
+VM6_NET = "fd09:24ef:4179"
 PROBE = str(Path(__file__).with_name("udp_probe.py"))
 
 
@@ -102,11 +104,18 @@ class Netvm:
                         "address", mac)
             self.ns.run("ip", "link", "set", "vmnic0", "netns", vm_ns.name)
             for ip in ips:
-                plen = "128" if ":" in ip else "32"
-                vm_ns.run("ip", "addr", "add", f"{ip}/{plen}", "dev", "vmnic0")
+                if ":" in ip:
+                    vm_ns.run("ip", "addr", "add", f"{ip}/128", "dev", "vmnic0", "nodad")
+                else:
+                    vm_ns.run("ip", "addr", "add", f"{ip}/32", "dev", "vmnic0")
             vm_ns.run("ip", "link", "set", "vmnic0", "up")
+            # As a Qubes VM configures itself: the gateway pinned to netback's MAC, onlink.
             vm_ns.run("ip", "neigh", "replace", GATEWAY, "lladdr", NETBACK_MAC, "dev", "vmnic0", "nud", "permanent")
             vm_ns.run("ip", "route", "add", "default", "via", GATEWAY, "dev", "vmnic0", "onlink")
+            if any(":" in ip for ip in ips):
+                vm_ns.run("ip", "-6", "neigh", "replace", GATEWAY6, "lladdr", NETBACK_MAC, "dev", "vmnic0",
+                          "nud", "permanent")
+                vm_ns.run("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "vmnic0", "onlink")
         base = self.backend(domid)
         entries = {
             "frontend": f"/local/domain/{domid}/device/vif/0",
@@ -138,6 +147,10 @@ class Netvm:
         # No NAT here: the uplink routes the VM range back, so it sees real sources.
         up.run("ip", "route", "add", "10.137.0.0/16", "via", f"{UPLINK_NET}.1")
         self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.ns.run("ip", "addr", "add", f"{UPLINK6_NET}::1/64", "dev", "uplink0", "nodad")
+        up.run("ip", "addr", "add", f"{UPLINK6_NET}::2/64", "dev", "wan0", "nodad")
+        up.run("ip", "-6", "route", "add", f"{VM6_NET}::/64", "via", f"{UPLINK6_NET}::1")
+        self.ns.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         self.uplink = up
         return up
 

@@ -1,0 +1,181 @@
+"""Opt-in IPv6 in vif-route-qubes: same guarantees as IPv4, and no IPv6 where it is off."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vif_hotplug.xenstored import XenStoreServer
+
+from .conftest import NetnsFactory, require_tool
+from .hotplug_env import GATEWAY, GATEWAY6, UPLINK6_NET, Netvm, udp_listen, udp_send
+from .test_vif_route import _wait_for_line
+
+CONF6 = f"""[netvm]
+gateway = {GATEWAY}
+gateway6 = {GATEWAY6}
+primary_dns = 10.139.1.1
+secondary_dns = 10.139.1.2
+"""
+VM6 = "fd09:24ef:4179::a89:5"
+
+
+@pytest.fixture
+def netvm6(make_netns: NetnsFactory) -> Iterator[Netvm]:
+    for tool in ("ipset", "ip6tables-legacy-save"):
+        require_tool(tool)
+    tmp = Path(tempfile.mkdtemp(prefix="vh"))
+    (tmp / "hooks").mkdir()
+    server = XenStoreServer(str(tmp / "xs.sock"))
+    server.start_in_thread()
+    try:
+        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"))
+        env.write_conf(CONF6)
+        yield env
+    finally:
+        server.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_dual_stack_online_adds_ipv6_route_neighbour_gateway_and_set_entry(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6], mac="00:16:3e:5e:6c:00")
+    netvm6.hotplug("online", 4)
+    ns = netvm6.ns
+    assert f"{VM6} dev vif4.0 proto static metric 32748" in ns.run("ip", "-6", "route").stdout
+    assert f"inet6 {GATEWAY6}/128" in ns.run("ip", "addr", "show", "vif4.0").stdout
+    assert f"{VM6} lladdr 00:16:3e:5e:6c:00 PERMANENT" in ns.run("ip", "-6", "neigh", "show", "dev", "vif4.0").stdout
+    assert ns.run("cat", "/proc/sys/net/ipv6/conf/vif4.0/proxy_ndp").stdout.strip() == "1"
+    assert netvm6.set_members("qbs-allowed6") == [f"{VM6},vif4.0"]
+    assert netvm6.set_members("qbs-downstream6") == [VM6]
+
+
+def test_dual_stack_online_twice_changes_nothing(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.hotplug("online", 4)
+    first = netvm6.dump()
+    netvm6.hotplug("online", 4)
+    assert netvm6.dump() == first
+
+
+def test_dual_stack_offline_returns_to_prior_state(netvm6: Netvm) -> None:
+    netvm6.add_vm(9, ["10.137.0.9", "fd09:24ef:4179::a89:9"])
+    netvm6.hotplug("online", 9)
+    netvm6.hotplug("offline", 9)
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    before = netvm6.dump()
+    netvm6.hotplug("online", 4)
+    netvm6.hotplug("offline", 4)
+    assert netvm6.dump() == before
+
+
+def test_ipv4_only_vif_gets_no_ipv6_gateway_even_with_gateway6_set(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5"])
+    netvm6.hotplug("online", 4)
+    assert "inet6 " + GATEWAY6 not in netvm6.ns.run("ip", "addr", "show", "vif4.0").stdout
+    assert netvm6.ns.run("cat", "/proc/sys/net/ipv6/conf/vif4.0/proxy_ndp").stdout.strip() == "0"
+
+
+def test_link_local_gateway6_is_not_put_on_the_vif(netvm6: Netvm) -> None:
+    netvm6.write_conf(CONF6.replace(GATEWAY6, "fe80::fcff:ffff:feff:ffff"))
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.hotplug("online", 4)
+    assert "fe80::fcff:ffff:feff:ffff/128" not in netvm6.ns.run("ip", "addr", "show", "vif4.0").stdout
+    assert f"{VM6} dev vif4.0" in netvm6.ns.run("ip", "-6", "route").stdout
+
+
+def test_ipv6_disabled_on_the_interface_keeps_ipv4_and_logs_the_skip_once(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.ns.run("sysctl", "-qw", "net.ipv6.conf.vif4/0.disable_ipv6=1")
+    proc = netvm6.hotplug("online", 4)
+    assert "10.137.0.5 dev vif4.0" in netvm6.ns.run("ip", "route").stdout
+    assert VM6 not in netvm6.ns.run("ip", "-6", "route").stdout
+    assert netvm6.set_members("qbs-allowed6") == []
+    assert len([line for line in proc.stderr.splitlines() if "IPv6 disabled" in line]) == 1
+    assert netvm6.status(4) == "connected"
+
+
+def test_ipv6_disabled_in_the_namespace_keeps_ipv4(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    netvm6.hotplug("online", 4)
+    assert "10.137.0.5 dev vif4.0" in netvm6.ns.run("ip", "route").stdout
+    assert netvm6.status(4) == "connected"
+
+
+def test_offline_removes_ipv6_state_after_ipv6_was_disabled(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.hotplug("online", 4)
+    netvm6.ns.run("sysctl", "-qw", "net.ipv6.conf.vif4/0.disable_ipv6=1")
+    assert netvm6.hotplug("offline", 4).returncode == 0
+    assert netvm6.set_members("qbs-allowed6") == []
+    assert netvm6.set_members("qbs-downstream6") == []
+
+
+def test_offline_after_the_link_vanished_removes_ipv6_set_members(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.hotplug("online", 4)
+    netvm6.ns.run("ip", "link", "del", "vif4.0")
+    assert netvm6.hotplug("offline", 4).returncode == 0
+    assert netvm6.set_members("qbs-allowed6") == []
+
+
+def test_vm_ipv6_with_own_source_is_forwarded_and_forged_source_dropped(netvm6: Netvm) -> None:
+    up = netvm6.add_uplink()
+    vm = netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.hotplug("online", 4)
+    vm.ns.run("ip", "addr", "add", "fd09:24ef:4179::bad/128", "dev", "lo")
+    log = netvm6.tmp / "uplink6.log"
+    listener = udp_listen(up, f"{UPLINK6_NET}::2", 5000, log)
+    try:
+        udp_send(vm.ns, "fd09:24ef:4179::bad", f"{UPLINK6_NET}::2", 5000, "forged")
+        udp_send(vm.ns, VM6, f"{UPLINK6_NET}::2", 5000, "genuine")
+        assert _wait_for_line(log, "genuine")
+    finally:
+        listener.kill()
+        listener.wait()
+    assert log.read_text().splitlines() == [f"{VM6} genuine"]
+
+
+def test_ipv4_only_vif_passes_no_ipv6_at_all(netvm6: Netvm) -> None:
+    up = netvm6.add_uplink()
+    vm = netvm6.add_vm(4, ["10.137.0.5"])
+    netvm6.hotplug("online", 4)
+    # The VM gives itself an IPv6 address and route anyway: nothing may pass.
+    vm.ns.run("ip", "addr", "add", "fd09:24ef:4179::a89:77/128", "dev", "vmnic0", "nodad")
+    vm.ns.run("ip", "-6", "neigh", "replace", GATEWAY6, "lladdr", "fe:ff:ff:ff:ff:ff", "dev", "vmnic0", "nud",
+              "permanent")
+    vm.ns.run("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "vmnic0", "onlink")
+    log = netvm6.tmp / "uplink6.log"
+    listener = udp_listen(up, f"{UPLINK6_NET}::2", 5000, log)
+    try:
+        udp_send(vm.ns, "fd09:24ef:4179::a89:77", f"{UPLINK6_NET}::2", 5000, "sneaky")
+        udp_send(vm.ns, "10.137.0.5", "192.0.2.2", 5001, "ipv4")  # unrelated, proves the path works
+        udp_send(up, f"{UPLINK6_NET}::2", f"{UPLINK6_NET}::2", 5000, "marker")
+        assert _wait_for_line(log, "marker")
+    finally:
+        listener.kill()
+        listener.wait()
+    assert "sneaky" not in log.read_text()
+
+
+def test_a_vm_ipv6_address_forged_from_the_uplink_is_dropped(netvm6: Netvm) -> None:
+    up = netvm6.add_uplink()
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    target = netvm6.add_vm(6, ["10.137.0.6", "fd09:24ef:4179::a89:6"])
+    netvm6.hotplug("online", 4)
+    netvm6.hotplug("online", 6)
+    up.run("ip", "addr", "add", f"{VM6}/128", "dev", "lo")
+    log = netvm6.tmp / "vm6.log"
+    listener = udp_listen(target.ns, "fd09:24ef:4179::a89:6", 5000, log)
+    try:
+        udp_send(up, VM6, "fd09:24ef:4179::a89:6", 5000, "forged")
+        udp_send(up, f"{UPLINK6_NET}::2", "fd09:24ef:4179::a89:6", 5000, "genuine")
+        assert _wait_for_line(log, "genuine")
+    finally:
+        listener.kill()
+        listener.wait()
+    assert log.read_text().splitlines() == [f"{UPLINK6_NET}::2 genuine"]
