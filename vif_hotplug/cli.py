@@ -26,9 +26,11 @@ def _route(argv: Sequence[str]) -> int:
 
 
 def _dns(argv: Sequence[str]) -> int:
+    from .hotplug_log import configure
     from .setup_dnat_to_ns import run
 
-    return run(list(argv))
+    configure("vif-hotplug dns")
+    return run(list(argv), prog="vif-hotplug dns")
 
 
 def _init(argv: Sequence[str]) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .antispoof import antispoof_ruleset, set_specs
+from .conntrack import purge_conntrack
 from .hooks import run_hooks
 from .model import (
     AntispoofBase,
@@ -111,7 +112,7 @@ class KernelHost:
                 self.sets.ensure_set(name, stype, fam)
             self.firewall.sync(antispoof_ruleset(target.families))
         elif isinstance(target, ConntrackPurge):
-            self.netlink.purge_conntrack(target.address)
+            purge_conntrack(target.address)
         elif isinstance(target, Hooks):
             run_hooks(target, self._hooks_dir)
         else:

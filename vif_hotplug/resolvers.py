@@ -1,0 +1,222 @@
+"""Where the uplink's real nameservers come from, as an ordered IPv4 list.
+
+Two pure parsers turn text into an upstream list:
+
+* :func:`parse_resolv_conf`: ``nameserver`` lines of a resolv.conf;
+* :func:`parse_resolved_dns`: systemd-resolved's ``DNS`` D-Bus property as
+  printed by ``busctl --json=short get-property``.
+
+Both keep only IPv4 addresses that can be a remote resolver (no loopback such
+as resolved's ``127.0.0.53`` stub, no ``0.0.0.0``, multicast or reserved
+space), drop the virtual resolvers handed in as ``exclude`` (forwarding DNS1
+to DNS1 would send the query out of the uplink to whoever claims that private
+address there), drop duplicates and keep the order, which is the order of
+preference.
+
+:func:`read_upstreams` is the thin shell that picks the source: an explicit
+file, else systemd-resolved when its runtime directory exists (D-Bus first,
+its ``resolv.conf`` when D-Bus does not answer), else ``/etc/resolv.conf``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from .errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+ETC_RESOLV_CONF = "/etc/resolv.conf"
+#: systemd-resolved creates this directory when it starts (it lives on tmpfs,
+#: so it only exists when resolved ran during this boot).
+RESOLVED_RUNTIME_DIR = "/run/systemd/resolve"
+#: resolved's own list of upstream servers in resolv.conf syntax (not the
+#: stub file, which only names 127.0.0.53).
+RESOLVED_RESOLV_CONF_NAME = "resolv.conf"
+BUSCTL_TIMEOUT = 5.0
+
+_AF_INET = 2  # linux/socket.h; resolved reports address families numerically
+
+
+@dataclass(frozen=True)
+class Upstreams:
+    """Upstream nameservers in order of preference, and where they came from."""
+
+    servers: tuple[IPv4Address, ...]
+    source: str
+
+
+def _usable(addr: IPv4Address, exclude: Collection[IPv4Address]) -> bool:
+    if addr in exclude:
+        return False
+    return not (addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_reserved)
+
+
+def _keep(candidates: Iterable[IPv4Address], exclude: Collection[IPv4Address]) -> tuple[IPv4Address, ...]:
+    out: list[IPv4Address] = []
+    for addr in candidates:
+        if _usable(addr, exclude) and addr not in out:
+            out.append(addr)
+    return tuple(out)
+
+
+def _ipv4(text: str) -> IPv4Address | None:
+    # IPv4Address rejects leading zeros, signs and whitespace, so "010.0.0.1"
+    # (which inet_aton would read as octal) is ignored rather than misread.
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        return None
+
+
+def parse_resolv_conf(text: str, exclude: Collection[IPv4Address] = ()) -> tuple[IPv4Address, ...]:
+    """IPv4 upstreams named by the ``nameserver`` lines of resolv.conf ``text``.
+
+    Never raises: lines that are comments (``#`` or ``;``), other keywords,
+    ``nameserver`` without a valid IPv4 address (IPv6, garbage, nothing) are
+    ignored. As in glibc's parser, the keyword must start the line and be
+    followed by a blank, and anything after the address is ignored.
+    """
+    found: list[IPv4Address] = []
+    for line in text.splitlines():
+        if not line.startswith(("nameserver ", "nameserver\t")):
+            continue
+        words = line.split()
+        if len(words) < 2:
+            continue
+        addr = _ipv4(words[1])
+        if addr is not None:
+            found.append(addr)
+    return _keep(found, exclude)
+
+
+def _resolved_entry(entry: object) -> tuple[int, IPv4Address] | None:
+    """``[ifindex, family, [b0, b1, ...]]`` -> (ifindex, address) for IPv4."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        return None
+    ifindex, family, raw = entry
+    if not isinstance(ifindex, int) or isinstance(ifindex, bool) or family != _AF_INET:
+        return None
+    if not isinstance(raw, list) or len(raw) != 4:
+        return None
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in raw):
+        return None
+    return ifindex, IPv4Address(bytes(raw))
+
+
+def parse_resolved_dns(text: str, exclude: Collection[IPv4Address] = ()) -> tuple[IPv4Address, ...]:
+    """IPv4 upstreams from the ``busctl --json=short`` value of resolved's ``DNS``.
+
+    The property has D-Bus type ``a(iiay)``: (ifindex, address family,
+    address bytes), global servers with ifindex 0, per-link servers with the
+    link's index. Usable global servers win when there is any; otherwise all
+    per-link servers are used in the order resolved lists them. Malformed
+    entries are skipped. Raises :class:`InvalidInput` when ``text`` is not
+    such a JSON document at all.
+    """
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise InvalidInput("systemd-resolved DNS property: not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise InvalidInput("systemd-resolved DNS property: no data array")
+    if doc.get("type", "a(iiay)") != "a(iiay)":
+        raise InvalidInput(f"systemd-resolved DNS property: unexpected type {doc.get('type')!r}")
+    entries = [e for e in (_resolved_entry(x) for x in doc["data"]) if e is not None]
+    global_servers = _keep((a for i, a in entries if i == 0), exclude)
+    if global_servers:
+        return global_servers
+    return _keep((a for i, a in entries if i != 0), exclude)
+
+
+# --- thin readers ----------------------------------------------------------
+
+
+def query_resolved_dns(busctl: str = "busctl", timeout: float = BUSCTL_TIMEOUT) -> str | None:
+    """Ask systemd-resolved for its ``DNS`` property; ``None`` if it cannot answer.
+
+    Uses ``busctl`` so no D-Bus library is needed. ``--auto-start=no`` keeps
+    a stopped resolved stopped: asking must not start a resolver. Touches
+    nothing; never raises.
+    """
+    cmd = [
+        busctl, "--json=short", "--auto-start=no", f"--timeout={max(1, int(timeout))}",
+        "get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1",
+        "org.freedesktop.resolve1.Manager", "DNS",
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 1, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.info("systemd-resolved not reachable over D-Bus: %s", exc)
+        return None
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or [f"busctl exited {proc.returncode}"])[0]
+        log.info("systemd-resolved not reachable over D-Bus: %s", reason)
+        return None
+    return proc.stdout
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def read_upstreams(
+    exclude: Collection[IPv4Address],
+    resolv_conf: str | None = None,
+    *,
+    etc_resolv_conf: str = ETC_RESOLV_CONF,
+    resolved_dir: str = RESOLVED_RUNTIME_DIR,
+    busctl: str = "busctl",
+) -> Upstreams:
+    """The uplink's upstream nameservers right now, minus ``exclude``.
+
+    Sources, first that applies:
+
+    1. ``resolv_conf`` when given (``--resolv-conf``); it must exist.
+    2. systemd-resolved, when ``resolved_dir`` exists: its ``DNS`` property
+       over D-Bus, or, when D-Bus does not answer, ``resolved_dir/resolv.conf``.
+    3. ``etc_resolv_conf``; a missing file means no upstream.
+
+    Read-only. Raises :class:`InvalidInput` when an explicit file is missing
+    or a file cannot be read.
+    """
+    if resolv_conf is not None:
+        text = _read_text(resolv_conf)
+        if text is None:
+            raise InvalidInput(f"resolv.conf {resolv_conf} does not exist")
+        return Upstreams(parse_resolv_conf(text, exclude), resolv_conf)
+    if os.path.isdir(resolved_dir):
+        answer = query_resolved_dns(busctl)
+        if answer is not None:
+            try:
+                return Upstreams(parse_resolved_dns(answer, exclude), "systemd-resolved (D-Bus)")
+            except InvalidInput as exc:
+                log.warning("ignoring systemd-resolved's answer: %s", exc)
+        path = os.path.join(resolved_dir, RESOLVED_RESOLV_CONF_NAME)
+        text = _read_text(path)
+        if text is not None:
+            return Upstreams(parse_resolv_conf(text, exclude), path)
+    text = _read_text(etc_resolv_conf)
+    if text is None:
+        log.warning("%s does not exist: no upstream nameserver", etc_resolv_conf)
+        return Upstreams((), etc_resolv_conf)
+    return Upstreams(parse_resolv_conf(text, exclude), etc_resolv_conf)
+
+
+def watched_files(resolv_conf: str | None = None) -> tuple[str, ...]:
+    """Files whose change can change :func:`read_upstreams`' answer."""
+    if resolv_conf is not None:
+        return (resolv_conf,)
+    return (ETC_RESOLV_CONF, os.path.join(RESOLVED_RUNTIME_DIR, RESOLVED_RESOLV_CONF_NAME))
