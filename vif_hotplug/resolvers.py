@@ -8,10 +8,12 @@ Two pure parsers turn text into an upstream list:
 
 Both keep only IPv4 addresses that can be a remote resolver (no loopback such
 as resolved's ``127.0.0.53`` stub, no ``0.0.0.0``, multicast or reserved
-space), drop the virtual resolvers handed in as ``exclude`` (forwarding DNS1
-to DNS1 would send the query out of the uplink to whoever claims that private
-address there), drop duplicates and keep the order, which is the order of
-preference.
+space), drop duplicates and keep the order, which is the order of preference.
+This netvm's own virtual resolvers (``virtual``) are never real upstreams
+(forwarding DNS1 to DNS1 is no mapping at all), so they are set apart in
+:attr:`Upstreams.virtual_listed`: a netvm whose source names only them is
+chained behind another netvm that serves those addresses (Qubes gives a
+netvm such as sys-firewall the same DNS1/DNS2 as any other VM of sys-net).
 
 :func:`read_upstreams` is the thin shell that picks the source: an explicit
 file, else systemd-resolved when its runtime directory exists (D-Bus first,
@@ -46,24 +48,36 @@ _AF_INET = 2  # linux/socket.h; resolved reports address families numerically
 
 @dataclass(frozen=True)
 class Upstreams:
-    """Upstream nameservers in order of preference, and where they came from."""
+    """What one source lists: real upstreams, and which of our virtual resolvers.
+
+    ``servers`` are the real upstream nameservers in order of preference;
+    ``virtual_listed`` the virtual resolvers of this netvm that the source
+    also named, in its order (a chained netvm's only entries; what to make
+    of them is :func:`vif_hotplug.dns_rules.plan_dns_ruleset`'s call). Both
+    are free of duplicates.
+    """
 
     servers: tuple[IPv4Address, ...]
     source: str
+    virtual_listed: tuple[IPv4Address, ...] = ()
 
 
-def _usable(addr: IPv4Address, exclude: Collection[IPv4Address]) -> bool:
-    if addr in exclude:
+def _usable(addr: IPv4Address, virtual: Collection[IPv4Address]) -> bool:
+    if addr in virtual:
         return False
     return not (addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_reserved)
 
 
-def _keep(candidates: Iterable[IPv4Address], exclude: Collection[IPv4Address]) -> tuple[IPv4Address, ...]:
+def _keep(candidates: Iterable[IPv4Address], virtual: Collection[IPv4Address]) -> tuple[IPv4Address, ...]:
     out: list[IPv4Address] = []
     for addr in candidates:
-        if _usable(addr, exclude) and addr not in out:
+        if _usable(addr, virtual) and addr not in out:
             out.append(addr)
     return tuple(out)
+
+
+def _own(candidates: Iterable[IPv4Address], virtual: Collection[IPv4Address]) -> tuple[IPv4Address, ...]:
+    return tuple(dict.fromkeys(addr for addr in candidates if addr in virtual))
 
 
 def _ipv4(text: str) -> IPv4Address | None:
@@ -75,10 +89,13 @@ def _ipv4(text: str) -> IPv4Address | None:
         return None
 
 
-def parse_resolv_conf(text: str, exclude: Collection[IPv4Address] = ()) -> tuple[IPv4Address, ...]:
+def parse_resolv_conf(
+    text: str, virtual: Collection[IPv4Address] = (), source: str = ETC_RESOLV_CONF
+) -> Upstreams:
     """IPv4 upstreams named by the ``nameserver`` lines of resolv.conf ``text``.
 
-    Never raises: lines that are comments (``#`` or ``;``), other keywords,
+    Addresses in ``virtual`` go to ``virtual_listed`` instead of ``servers``;
+    ``source`` only labels the result. Never raises: lines that are comments (``#`` or ``;``), other keywords,
     ``nameserver`` without a valid IPv4 address (IPv6, garbage, nothing) are
     ignored. As in glibc's parser, the keyword must start the line and be
     followed by a blank, and anything after the address is ignored.
@@ -93,7 +110,7 @@ def parse_resolv_conf(text: str, exclude: Collection[IPv4Address] = ()) -> tuple
         addr = _ipv4(words[1])
         if addr is not None:
             found.append(addr)
-    return _keep(found, exclude)
+    return Upstreams(_keep(found, virtual), source, _own(found, virtual))
 
 
 def _resolved_entry(entry: object) -> tuple[int, IPv4Address] | None:
@@ -110,14 +127,18 @@ def _resolved_entry(entry: object) -> tuple[int, IPv4Address] | None:
     return ifindex, IPv4Address(bytes(raw))
 
 
-def parse_resolved_dns(text: str, exclude: Collection[IPv4Address] = ()) -> tuple[IPv4Address, ...]:
+def parse_resolved_dns(
+    text: str, virtual: Collection[IPv4Address] = (), source: str = "systemd-resolved (D-Bus)"
+) -> Upstreams:
     """IPv4 upstreams from the ``busctl --json=short`` value of resolved's ``DNS``.
 
     The property has D-Bus type ``a(iiay)``: (ifindex, address family,
     address bytes), global servers with ifindex 0, per-link servers with the
     link's index. Usable global servers win when there is any; otherwise all
-    per-link servers are used in the order resolved lists them. Malformed
-    entries are skipped. Raises :class:`InvalidInput` when ``text`` is not
+    per-link servers are used in the order resolved lists them. Addresses in
+    ``virtual``, global or per-link, go to ``virtual_listed`` (globals
+    first); they only matter when no real server is left anywhere. Malformed
+    entries are skipped; ``source`` only labels the result. Raises :class:`InvalidInput` when ``text`` is not
     such a JSON document at all.
     """
     try:
@@ -129,10 +150,10 @@ def parse_resolved_dns(text: str, exclude: Collection[IPv4Address] = ()) -> tupl
     if doc.get("type", "a(iiay)") != "a(iiay)":
         raise InvalidInput(f"systemd-resolved DNS property: unexpected type {doc.get('type')!r}")
     entries = [e for e in (_resolved_entry(x) for x in doc["data"]) if e is not None]
-    global_servers = _keep((a for i, a in entries if i == 0), exclude)
-    if global_servers:
-        return global_servers
-    return _keep((a for i, a in entries if i != 0), exclude)
+    global_addrs = [a for i, a in entries if i == 0]
+    link_addrs = [a for i, a in entries if i != 0]
+    servers = _keep(global_addrs, virtual) or _keep(link_addrs, virtual)
+    return Upstreams(servers, source, _own(global_addrs + link_addrs, virtual))
 
 
 # --- thin readers ----------------------------------------------------------
@@ -173,14 +194,14 @@ def _read_text(path: str) -> str | None:
 
 
 def read_upstreams(
-    exclude: Collection[IPv4Address],
+    virtual: Collection[IPv4Address],
     resolv_conf: str | None = None,
     *,
     etc_resolv_conf: str = ETC_RESOLV_CONF,
     resolved_dir: str = RESOLVED_RUNTIME_DIR,
     busctl: str = "busctl",
 ) -> Upstreams:
-    """The uplink's upstream nameservers right now, minus ``exclude``.
+    """The uplink's upstream nameservers right now; ``virtual`` set apart.
 
     Sources, first that applies:
 
@@ -196,23 +217,23 @@ def read_upstreams(
         text = _read_text(resolv_conf)
         if text is None:
             raise InvalidInput(f"resolv.conf {resolv_conf} does not exist")
-        return Upstreams(parse_resolv_conf(text, exclude), resolv_conf)
+        return parse_resolv_conf(text, virtual, resolv_conf)
     if os.path.isdir(resolved_dir):
         answer = query_resolved_dns(busctl)
         if answer is not None:
             try:
-                return Upstreams(parse_resolved_dns(answer, exclude), "systemd-resolved (D-Bus)")
+                return parse_resolved_dns(answer, virtual)
             except InvalidInput as exc:
                 log.warning("ignoring systemd-resolved's answer: %s", exc)
         path = os.path.join(resolved_dir, RESOLVED_RESOLV_CONF_NAME)
         text = _read_text(path)
         if text is not None:
-            return Upstreams(parse_resolv_conf(text, exclude), path)
+            return parse_resolv_conf(text, virtual, path)
     text = _read_text(etc_resolv_conf)
     if text is None:
         log.warning("%s does not exist: no upstream nameserver", etc_resolv_conf)
         return Upstreams((), etc_resolv_conf)
-    return Upstreams(parse_resolv_conf(text, exclude), etc_resolv_conf)
+    return parse_resolv_conf(text, virtual, etc_resolv_conf)
 
 
 def watched_files(resolv_conf: str | None = None) -> tuple[str, ...]:

@@ -91,14 +91,38 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
+def _addrs(addrs: Sequence[IPv4Address]) -> str:
+    return ", ".join(map(str, addrs)) or "none"
+
+
+def _pairs(
+    virtual: Sequence[IPv4Address], upstreams: Upstreams
+) -> tuple[list[tuple[IPv4Address, IPv4Address]], list[IPv4Address]]:
+    """(DNATed pairs, virtual resolvers forwarded unchanged), as the planner pairs them."""
+    pairs = pair_resolvers(virtual, upstreams.servers, upstreams.virtual_listed)
+    return [(v, u) for v, u in pairs if v != u], [v for v, u in pairs if v == u]
+
+
+def _source_summary(upstreams: Upstreams) -> str:
+    text = f"upstream nameservers from {upstreams.source}: {_addrs(upstreams.servers)}"
+    if upstreams.virtual_listed:
+        text += f" (also lists this netvm's virtual resolvers {_addrs(upstreams.virtual_listed)})"
+    return text
+
+
+def _chained_summary(unchanged: Sequence[IPv4Address]) -> str:
+    return f"chained: {'/'.join(map(str, unchanged))} forwarded unchanged to the upstream netvm"
+
+
 def plan_lines(virtual: Sequence[IPv4Address], upstreams: Upstreams, ruleset: Ruleset) -> list[str]:
     """What ``-v`` and ``--dry-run`` print: the pairing as comments, then the rules."""
-    shown = ", ".join(map(str, upstreams.servers)) or "none"
-    out = [f"# upstream nameservers from {upstreams.source}: {shown}"]
-    pairs = pair_resolvers(virtual, upstreams.servers)
-    out += [f"# {v} -> {u}" for v, u in pairs]
-    if not pairs:
-        out.append(f"# no upstream: queries to {', '.join(map(str, virtual))} are rejected")
+    out = [f"# {_source_summary(upstreams)}"]
+    mapped, unchanged = _pairs(virtual, upstreams)
+    out += [f"# {v} -> {u}" for v, u in mapped]
+    if unchanged:
+        out.append(f"# {_chained_summary(unchanged)}")
+    if not mapped and not unchanged:
+        out.append(f"# no upstream: queries to {_addrs(virtual)} are rejected")
     return out + ruleset.lines()
 
 
@@ -121,11 +145,9 @@ def apply_once(
     run, where ``firewall`` is None). Idempotent. Raises ``HotplugError``.
     """
     upstreams = read_upstreams(virtual, resolv_conf)
-    ruleset = plan_dns_ruleset(virtual, upstreams.servers)
-    pairs = pair_resolvers(virtual, upstreams.servers)
-    log.info(
-        "upstream nameservers from %s: %s", upstreams.source, ", ".join(map(str, upstreams.servers)) or "none"
-    )
+    ruleset = plan_dns_ruleset(virtual, upstreams.servers, chained_to=upstreams.virtual_listed)
+    mapped, unchanged = _pairs(virtual, upstreams)
+    log.info("%s", _source_summary(upstreams))
     for line in ruleset.lines():
         log.debug("plan: %s", line)
     if show:
@@ -135,9 +157,11 @@ def apply_once(
     if not firewall.sync(ruleset):
         log.info("DNS DNAT rules already in place")
         return EXIT_UNCHANGED
-    if pairs:
-        log.info("DNS DNAT now %s", ", ".join(f"{v} -> {u}" for v, u in pairs))
-    else:
+    if mapped:
+        log.info("DNS DNAT now %s", ", ".join(f"{v} -> {u}" for v, u in mapped))
+    if unchanged:
+        log.info("%s", _chained_summary(unchanged))
+    if not mapped and not unchanged:
         log.warning(
             "no upstream nameserver in %s: DNS queries to %s are rejected",
             upstreams.source, ", ".join(map(str, virtual)),

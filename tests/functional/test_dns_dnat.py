@@ -133,6 +133,46 @@ def test_virtual_resolver_listed_as_upstream_is_skipped(netvm: Netns, conf_env: 
     assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
 
 
+# A netvm behind another netvm (sys-firewall behind sys-net) is told the same
+# virtual resolvers as any VM: its resolver configuration names only DNS1/DNS2.
+CHAINED_RESOLV_CONF = f"nameserver {DNS1}\nnameserver {DNS2}\n"
+
+
+def test_chained_netvm_neither_maps_nor_rejects(netvm: Netns, conf_env: dict[str, str]) -> None:
+    set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
+    assert tool(netvm, conf_env).returncode == EXIT_CHANGED
+    assert (chain_rules(netvm, "nat", "PR-QBS"), chain_rules(netvm, "filter", "QBS-DNS")) == ([], [])
+
+
+def test_chained_netvm_keeps_both_jumps(netvm: Netns, conf_env: dict[str, str]) -> None:
+    set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
+    tool(netvm, conf_env)
+    assert chain_rules(netvm, "nat", "PREROUTING") == ["-A PREROUTING -j PR-QBS"]
+    assert chain_rules(netvm, "filter", "FORWARD") == ["-A FORWARD -j QBS-DNS"]
+
+
+def test_rerun_of_chained_netvm_exits_100(netvm: Netns, conf_env: dict[str, str]) -> None:
+    set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
+    tool(netvm, conf_env)
+    assert tool(netvm, conf_env).returncode == EXIT_UNCHANGED
+
+
+def test_real_upstream_wins_over_listed_virtual_resolvers(netvm: Netns, conf_env: dict[str, str]) -> None:
+    set_resolv_conf(netvm, CHAINED_RESOLV_CONF + f"nameserver {SERVER_A}\n")
+    tool(netvm, conf_env)
+    assert (chain_rules(netvm, "nat", "PR-QBS"), chain_rules(netvm, "filter", "QBS-DNS")) == (
+        dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A), GUARD
+    )
+
+
+def test_leaving_the_chain_without_upstream_rejects_again(netvm: Netns, conf_env: dict[str, str]) -> None:
+    set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
+    tool(netvm, conf_env)
+    set_resolv_conf(netvm, "")
+    assert tool(netvm, conf_env).returncode == EXIT_CHANGED
+    assert (chain_rules(netvm, "nat", "PR-QBS"), chain_rules(netvm, "filter", "QBS-DNS")) == ([], GUARD)
+
+
 def test_resolv_conf_option_overrides_etc_resolv_conf(netvm: Netns, conf_env: dict[str, str], tmp_path: Path) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     given = tmp_path / "resolv.conf"
@@ -208,6 +248,12 @@ def test_dry_run_prints_rules(netvm: Netns, conf_env: dict[str, str]) -> None:
     assert f"iptables -t nat -A PR-QBS -d {DNS1}/32 -p udp -m udp --dport 53 -j DNAT --to-destination {SERVER_A}" in (
         proc.stdout.splitlines()
     )
+
+
+def test_dry_run_says_chained(netvm: Netns, conf_env: dict[str, str]) -> None:
+    set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
+    proc = tool(netvm, conf_env, "--dry-run")
+    assert f"# chained: {DNS1}/{DNS2} forwarded unchanged to the upstream netvm" in proc.stdout.splitlines()
 
 
 def test_dry_run_changes_nothing(netvm: Netns, conf_env: dict[str, str]) -> None:
@@ -535,6 +581,61 @@ def test_upstream_lost_after_working_query_is_refused(lab: Lab, opts: tuple[str,
     set_resolv_conf(lab.netvm, "")
     lab.setup_dns()
     assert "connection refused" in lab.dig(DNS1, *opts).stdout
+
+
+@pytest.fixture
+def chained(lab: Lab, make_netns: NetnsFactory) -> Lab:
+    """A second netvm A chained behind the lab's netvm B, with a client of its own.
+
+    client (eth0) -- (vif7.0) netvm A (eth0) -- (vif6.0) netvm B (upl0) -- (isp0) uplink.
+    A is a VM of B, as sys-firewall is of sys-net: its default route points
+    at B, it masquerades what it forwards there (NAT at every hop, so B
+    needs no route back to A's clients), and its resolv.conf names only the
+    virtual resolvers. The returned lab's ``netvm`` is A; ``lab.netvm`` is B.
+    """
+    netvm_a, client = make_netns("dnsnva"), make_netns("dnscl")
+    lab.netvm.run("ip", "link", "add", "vif6.0", "type", "veth", "peer", "name", "eth0", "netns", netvm_a.name)
+    netvm_a.run("ip", "link", "add", "vif7.0", "type", "veth", "peer", "name", "eth0", "netns", client.name)
+    lab.netvm.run("ip", "addr", "add", "10.138.0.1/24", "dev", "vif6.0")
+    lab.netvm.run("ip", "link", "set", "vif6.0", "up")
+    netvm_a.run("ip", "addr", "add", "10.138.0.6/24", "dev", "eth0")
+    netvm_a.run("ip", "link", "set", "eth0", "up")
+    netvm_a.run("ip", "route", "add", "default", "via", "10.138.0.1")
+    netvm_a.run("ip", "addr", "add", "10.137.2.1/24", "dev", "vif7.0")
+    netvm_a.run("ip", "link", "set", "vif7.0", "up")
+    netvm_a.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    netvm_a.run("iptables-legacy", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE")
+    client.run("ip", "addr", "add", "10.137.2.5/24", "dev", "eth0")
+    client.run("ip", "link", "set", "eth0", "up")
+    client.run("ip", "route", "add", "default", "via", "10.137.2.1")
+    set_resolv_conf(netvm_a, CHAINED_RESOLV_CONF)
+    # Same servers dict: the lab fixture stops whatever this one starts.
+    return Lab(lab.uplink, netvm_a, client, lab.env, lab.servers)
+
+
+@pytest.mark.parametrize("opts", TRANSPORTS)
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_chained_netvm_client_resolves_through_upstream_netvm(
+    lab: Lab, chained: Lab, resolver: str, opts: tuple[str, ...]
+) -> None:
+    set_resolv_conf(lab.netvm, f"nameserver {SERVER_A}\n")
+    for _ in range(2):  # a second apply in either netvm must keep it working
+        lab.setup_dns()
+        chained.setup_dns()
+    assert chained.answer(resolver, *opts) == ANSWER_A
+
+
+@pytest.mark.parametrize("opts", TRANSPORTS)
+def test_chained_netvm_query_is_refused_when_upstream_netvm_has_no_upstream(
+    lab: Lab, chained: Lab, opts: tuple[str, ...]
+) -> None:
+    # The downstream netvm lets the query through; the upstream one rejects
+    # it, and the rejection finds its way back through both NATs.
+    set_resolv_conf(lab.netvm, "nameserver 127.0.0.53\n")
+    lab.setup_dns()
+    chained.setup_dns()
+    out = chained.dig(DNS1, *opts).stdout
+    assert ("connection refused" in out, "timed out" in out) == (True, False)
 
 
 def capture_uplink_dns(lab: Lab, send: Callable[[], object]) -> str:

@@ -51,6 +51,8 @@ PAIRING = [
     ("only a primary virtual resolver", (DNS1,), (A, B), ((DNS1, A),)),
     ("same virtual resolver twice counts once", (DNS1, DNS1), (A, B), ((DNS1, A),)),
     ("no virtual resolver", (), (A, B), ()),
+    ("virtual resolver given as upstream is ignored", VIRTUAL, (DNS2, A), ((DNS1, A), (DNS2, A))),
+    ("only virtual resolvers given as upstreams: no pair", VIRTUAL, (DNS1, DNS2), ()),
 ]
 
 
@@ -59,6 +61,24 @@ def test_pair_resolvers(
     virtual: tuple[IPv4Address, ...], upstreams: tuple[IPv4Address, ...], expected: tuple[Any, ...]
 ) -> None:
     assert pair_resolvers(virtual, upstreams) == expected
+
+
+CHAINED_PAIRING = [
+    ("chained source: each forwarded unchanged", (), VIRTUAL, ((DNS1, DNS1), (DNS2, DNS2))),
+    ("chained source in reverse order: still unchanged", (), (DNS2, DNS1), ((DNS1, DNS1), (DNS2, DNS2))),
+    ("chained source naming DNS1 only: DNS2 goes to it", (), (DNS1,), ((DNS1, DNS1), (DNS2, DNS1))),
+    ("chained source naming DNS2 only: DNS1 goes to it", (), (DNS2,), ((DNS1, DNS2), (DNS2, DNS2))),
+    ("chained + real upstream: real upstream wins", (A,), VIRTUAL, ((DNS1, A), (DNS2, A))),
+    ("no upstream, nothing chained: no pair", (), (), ()),
+    ("chained to addresses that are not ours: no pair", (), (C,), ()),
+]
+
+
+@pytest.mark.parametrize(("upstreams", "chained_to", "expected"), cases(CHAINED_PAIRING))
+def test_pair_resolvers_of_chained_netvm(
+    upstreams: tuple[IPv4Address, ...], chained_to: tuple[IPv4Address, ...], expected: tuple[Any, ...]
+) -> None:
+    assert pair_resolvers(VIRTUAL, upstreams, chained_to) == expected
 
 
 # --- nat chain ----------------------------------------------------------------
@@ -112,6 +132,33 @@ def test_guard_chain_covers_only_configured_virtual_resolvers() -> None:
     assert [r.text for r in spec.rules] == GUARD[:2]
 
 
+# --- chained netvm ------------------------------------------------------------
+
+CHAINED_PLANS = [
+    ("chained source: nothing mapped, nothing rejected", (), VIRTUAL, [], []),
+    ("chained source naming DNS1 only: DNS2 mapped onto it", (), (DNS1,), dnat(DNS2, DNS1), GUARD[2:]),
+    ("chained + real upstream: DNAT to it, guard kept", (A,), VIRTUAL, dnat(DNS1, A) + dnat(DNS2, A), GUARD),
+    ("no upstream at all: everything rejected", (), (), [], GUARD),
+    ("virtual resolvers as upstreams alone do not chain", (DNS1, DNS2), (), [], GUARD),
+]
+
+
+@pytest.mark.parametrize(("upstreams", "chained_to", "nat", "guard"), cases(CHAINED_PLANS))
+def test_plan_for_chained_netvm(
+    upstreams: tuple[IPv4Address, ...], chained_to: tuple[IPv4Address, ...], nat: list[str], guard: list[str]
+) -> None:
+    ruleset = plan_dns_ruleset(VIRTUAL, upstreams, chained_to=chained_to)
+    assert (nat_texts(ruleset), [r.text for r in chain(ruleset, "filter", GUARD_CHAIN).rules]) == (nat, guard)
+
+
+def test_chained_plan_still_owns_and_jumps_both_chains() -> None:
+    ruleset = plan_dns_ruleset(VIRTUAL, (), chained_to=VIRTUAL)
+    assert ({(c.table, c.name, c.owned) for c in ruleset.chains}, set(ruleset.hooks)) == (
+        {("nat", NAT_CHAIN, True), ("filter", GUARD_CHAIN, True)},
+        set(plan_dns_ruleset(VIRTUAL, (A,)).hooks),
+    )
+
+
 # --- hooks and scope ---------------------------------------------------------
 
 
@@ -142,9 +189,13 @@ def test_plan_without_virtual_resolvers_is_invalid() -> None:
         plan_dns_ruleset((), (A,))
 
 
-@pytest.mark.parametrize("upstreams", [(), (A, B)], ids=["zero", "two"])
-def test_every_planned_rule_translates_for_the_iptables_backend(upstreams: tuple[IPv4Address, ...]) -> None:
-    ruleset = plan_dns_ruleset(VIRTUAL, upstreams)
+@pytest.mark.parametrize(
+    ("upstreams", "chained_to"), [((), ()), ((A, B), ()), ((), (DNS1,))], ids=["zero", "two", "chained"]
+)
+def test_every_planned_rule_translates_for_the_iptables_backend(
+    upstreams: tuple[IPv4Address, ...], chained_to: tuple[IPv4Address, ...]
+) -> None:
+    ruleset = plan_dns_ruleset(VIRTUAL, upstreams, chained_to=chained_to)
     rules = [r for c in ruleset.chains for r in c.rules] + [h.rule for h in ruleset.hooks]
     assert all("target" in rule_to_dict(r) for r in rules)
 

@@ -75,11 +75,41 @@ RESOLV_CONF_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), cases(RESOLV_CONF_CASES))
 def test_parse_resolv_conf(text: str, expected: tuple[IPv4Address, ...]) -> None:
-    assert parse_resolv_conf(text, VIRTUAL) == expected
+    assert parse_resolv_conf(text, VIRTUAL).servers == expected
 
 
-def test_parse_resolv_conf_without_exclusions_keeps_private_addresses() -> None:
-    assert parse_resolv_conf("nameserver 10.139.1.1\n") == ips("10.139.1.1")
+def test_parse_resolv_conf_without_virtual_resolvers_keeps_private_addresses() -> None:
+    assert parse_resolv_conf("nameserver 10.139.1.1\n").servers == ips("10.139.1.1")
+
+
+RESOLV_CONF_VIRTUAL_CASES = [
+    ("chained source: both virtual resolvers", f"nameserver {DNS1}\nnameserver {DNS2}\n", (), VIRTUAL),
+    ("chained source: order kept", f"nameserver {DNS2}\nnameserver {DNS1}\n", (), (DNS2, DNS1)),
+    ("chained source: only one", f"nameserver {DNS1}\n", (), (DNS1,)),
+    ("chained source: duplicate counts once", f"nameserver {DNS1}\nnameserver {DNS1}\n", (), (DNS1,)),
+    (
+        "chained source with a real upstream",
+        f"nameserver {DNS1}\nnameserver 192.0.2.53\nnameserver {DNS2}\n",
+        ips("192.0.2.53"),
+        VIRTUAL,
+    ),
+    ("no upstream at all", "nameserver 127.0.0.53\n", (), ()),
+    ("real upstreams only", "nameserver 192.0.2.53\n", ips("192.0.2.53"), ()),
+    ("commented virtual resolver", f"# nameserver {DNS1}\n", (), ()),
+    ("other address of the same subnet is a real upstream", "nameserver 10.139.1.3\n", ips("10.139.1.3"), ()),
+]
+
+
+@pytest.mark.parametrize(("text", "servers", "virtual_listed"), cases(RESOLV_CONF_VIRTUAL_CASES))
+def test_parse_resolv_conf_sets_virtual_resolvers_apart(
+    text: str, servers: tuple[IPv4Address, ...], virtual_listed: tuple[IPv4Address, ...]
+) -> None:
+    parsed = parse_resolv_conf(text, VIRTUAL)
+    assert (parsed.servers, parsed.virtual_listed) == (servers, virtual_listed)
+
+
+def test_parse_resolv_conf_labels_result_with_source() -> None:
+    assert parse_resolv_conf("", VIRTUAL, "/x/resolv.conf").source == "/x/resolv.conf"
 
 
 # --- systemd-resolved D-Bus property --------------------------------------
@@ -137,7 +167,39 @@ RESOLVED_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), cases(RESOLVED_CASES))
 def test_parse_resolved_dns(text: str, expected: tuple[IPv4Address, ...]) -> None:
-    assert parse_resolved_dns(text, VIRTUAL) == expected
+    assert parse_resolved_dns(text, VIRTUAL).servers == expected
+
+
+RESOLVED_VIRTUAL_CASES = [
+    (
+        "chained: virtual resolvers per link",
+        busctl_json((2, 2, [10, 139, 1, 1]), (2, 2, [10, 139, 1, 2])),
+        (),
+        VIRTUAL,
+    ),
+    ("chained: virtual resolver global", busctl_json((0, 2, [10, 139, 1, 2])), (), (DNS2,)),
+    (
+        "globals listed before per-link",
+        busctl_json((2, 2, [10, 139, 1, 1]), (0, 2, [10, 139, 1, 2])),
+        (),
+        (DNS2, DNS1),
+    ),
+    (
+        "chained with a real per-link upstream",
+        busctl_json((0, 2, [10, 139, 1, 1]), (2, 2, [192, 0, 2, 53])),
+        ips("192.0.2.53"),
+        (DNS1,),
+    ),
+    ("no upstream at all", busctl_json((0, 2, [127, 0, 0, 53])), (), ()),
+]
+
+
+@pytest.mark.parametrize(("text", "servers", "virtual_listed"), cases(RESOLVED_VIRTUAL_CASES))
+def test_parse_resolved_dns_sets_virtual_resolvers_apart(
+    text: str, servers: tuple[IPv4Address, ...], virtual_listed: tuple[IPv4Address, ...]
+) -> None:
+    parsed = parse_resolved_dns(text, VIRTUAL)
+    assert (parsed.servers, parsed.virtual_listed) == (servers, virtual_listed)
 
 
 BAD_RESOLVED = [
@@ -191,7 +253,18 @@ def test_etc_resolv_conf_is_used_without_resolved(files: dict[str, Path]) -> Non
 
 
 def test_missing_etc_resolv_conf_means_no_upstream(files: dict[str, Path]) -> None:
-    assert read(files).servers == ()
+    assert read(files) == Upstreams((), str(files["etc"]), ())
+
+
+def test_chained_etc_resolv_conf_lists_virtual_resolvers(files: dict[str, Path]) -> None:
+    files["etc"].write_text(f"nameserver {DNS1}\nnameserver {DNS2}\n")
+    assert read(files) == Upstreams((), str(files["etc"]), VIRTUAL)
+
+
+def test_chained_resolved_dbus_answer_lists_virtual_resolvers(files: dict[str, Path], tmp_path: Path) -> None:
+    with_resolved(files, "nameserver 198.51.100.1\n")
+    busctl = fake_busctl(tmp_path, busctl_json((2, 2, [10, 139, 1, 1]), (2, 2, [10, 139, 1, 2])))
+    assert read(files, busctl) == Upstreams((), "systemd-resolved (D-Bus)", VIRTUAL)
 
 
 def test_resolved_dbus_answer_wins_over_files(files: dict[str, Path], tmp_path: Path) -> None:
