@@ -26,10 +26,6 @@ def configure(ident: str, verbose: bool = False) -> None:
     stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
     stderr.setFormatter(logging.Formatter(f"{ident}: %(message)s"))
     root.addHandler(stderr)
-    # Libraries' own debug chatter (pyroute2 logs every netlink message) is
-    # not what -v is for.
-    for noisy in ("pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if os.path.exists("/dev/log"):
         try:
@@ -47,3 +43,11 @@ def configure(ident: str, verbose: bool = False) -> None:
             root.addHandler(fileh)
         except OSError:
             pass
+    for handler in root.handlers:
+        handler.addFilter(_own_or_warning)
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    # Libraries' chatter (pyroute2 logs every netlink message at DEBUG and
+    # resets its logger's level when imported) is not what -v is for.
+    return record.levelno >= logging.WARNING or record.name.startswith("vif_hotplug")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any
 
 from .errors import KernelError
-from .firewall import ChainSpec, Family, Hook, Policy, Rule, Ruleset
+from .firewall import ChainSpec, Family, Firewall, Hook, Policy, Rule, Ruleset
 from .locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,12 @@ class IptablesFirewall:
     def _encode(self, family: Family, rule: Rule) -> Any:
         iptc = load_iptc()
         try:
-            return iptc.easy.encode_iptc_rule(rule_to_dict(rule), ipv6=family == 6)
+            encoded = iptc.easy.encode_iptc_rule(rule_to_dict(rule), ipv6=family == 6)
+            # Targets such as MASQUERADE fill in defaults only in final_check
+            # (called at commit); without it a rule read back from the kernel
+            # never equals the one we build, and every sync would commit.
+            encoded.final_check()
+            return encoded
         except Exception as exc:
             raise KernelError(f"iptables rejects rule {rule.text!r}: {exc}") from exc
 
@@ -190,3 +196,60 @@ class IptablesFirewall:
             return changed
         except iptc.IPTCError as exc:
             raise KernelError(f"{'ip6tables' if family == 6 else 'iptables'} {name}: {exc}") from exc
+
+
+def split_by_family(ruleset: Ruleset) -> dict[int, Ruleset]:
+    """The IPv4 and IPv6 parts of ``ruleset`` (families with nothing are left out). Pure."""
+    out: dict[int, Ruleset] = {}
+    for fam in sorted({c.family for c in ruleset.chains} | {h.family for h in ruleset.hooks}
+                      | {p.family for p in ruleset.policies}):
+        out[fam] = Ruleset(
+            chains=tuple(c for c in ruleset.chains if c.family == fam),
+            hooks=tuple(h for h in ruleset.hooks if h.family == fam),
+            policies=tuple(p for p in ruleset.policies if p.family == fam),
+        )
+    return out
+
+
+class FamilyIsolatedFirewall:
+    """A :class:`Firewall` that syncs each address family in its own child process.
+
+    libxtables registers a multi-family extension (``MASQUERADE``,
+    ``TPROXY``...) for the first family that loads it; python-iptables then
+    cannot build the same target for the other family in that process
+    ("invalid rule"; python-iptables issues #316, #325). A forked child per
+    family starts from a clean libxtables. Each table is still committed
+    once and atomically, as before: a family's tables never shared a commit.
+    """
+
+    def __init__(self, make: Callable[[], Firewall]) -> None:
+        self._make = make
+
+    def sync(self, ruleset: Ruleset) -> bool:
+        changed = False
+        for part in split_by_family(ruleset).values():
+            changed |= self._sync_in_child(part)
+        return changed
+
+    def _sync_in_child(self, ruleset: Ruleset) -> bool:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: report "1"/"0" or "E<message>", never return into the caller
+            os.close(read_end)
+            try:
+                reply = b"1" if self._make().sync(ruleset) else b"0"
+            except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
+                reply = b"E" + (str(exc) or type(exc).__name__).encode("utf-8", "replace")
+            try:
+                os.write(write_end, reply)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            reply = f.read()
+        _, wait_status = os.waitpid(pid, 0)
+        if reply in (b"0", b"1"):
+            return reply == b"1"
+        if reply.startswith(b"E"):
+            raise KernelError(reply[1:].decode("utf-8", "replace"))
+        raise KernelError(f"firewall child died (wait status {wait_status})")

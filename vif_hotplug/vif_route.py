@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from .errors import HotplugError, InvalidInput, XenStoreUnavailable
 from .xenstore_env import parse_invocation
 
-log = logging.getLogger("vif-route-qubes")
+log = logging.getLogger(__name__)
 
 USAGE = """\
 %(prog)s [-v] [--dry-run] COMMAND [VIF] [KEY=VALUE ...]

@@ -1,0 +1,333 @@
+"""The lab's network, as data: names, addresses and the commands that build it.
+
+Everything here is pure: :func:`plan_topology` picks names and addresses,
+the ``*_commands`` functions turn them into ``(namespace, argv)`` steps, and
+:func:`xenstore_entries` / :func:`hotplug_env` say what the toolstack would
+have written and passed. :mod:`vif_hotplug.lab` runs the steps.
+
+Shape (one uplink, one netvm, N VMs; all private to the lab's namespaces)::
+
+    uplink ns                     netvm ns                        VM ns (one per VM)
+    lan0 192.0.2.1/24   <-veth->  uplink0 192.0.2.2/24
+         192.0.2.53 resolver A    vif11.0 fe:ff:ff:ff:ff:ff <-veth-> eth0 10.137.0.11/32
+         192.0.2.54 resolver B    vif12.0 ...                        eth0 10.137.0.12/32
+         probe server :7007
+
+Addresses: VMs in Qubes' 10.137.0.0/24 with gateway 10.137.0.1 and virtual
+resolvers 10.139.1.1/2; the uplink in TEST-NET-1 (RFC 5737); DNS answers in
+TEST-NET-3; IPv6 in ULA space (RFC 4193), VMs numbered like Qubes does
+(``fd09:24ef:4179::`` + the IPv4 address in hex).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+#: Namespace names start with this, then the lab id: ``vhlab-1a2b3c-net``.
+PREFIX = "vhlab"
+FIRST_DOMID = 11
+MAX_VMS = 50
+
+GATEWAY = IPv4Address("10.137.0.1")
+DNS1 = IPv4Address("10.139.1.1")
+DNS2 = IPv4Address("10.139.1.2")
+UPLINK_PEER = IPv4Address("192.0.2.1")
+NETVM_UPLINK = IPv4Address("192.0.2.2")
+UPLINK_PREFIXLEN = 24
+RESOLVER_A = IPv4Address("192.0.2.53")
+RESOLVER_B = IPv4Address("192.0.2.54")
+TEST_NAME = "lab.test"
+ANSWER_A = IPv4Address("203.0.113.1")
+ANSWER_B = IPv4Address("203.0.113.2")
+
+GATEWAY6 = IPv6Address("fd09:24ef:4179::a89:1")
+VM6_PREFIX = "fd09:24ef:4179::/64"
+UPLINK6_PEER = IPv6Address("fd00:192:0:2::1")
+NETVM_UPLINK6 = IPv6Address("fd00:192:0:2::2")
+UPLINK6_PREFIXLEN = 64
+
+VM4_NET = "10.137.0.0/24"
+PROBE_PORT = 7007
+#: netback's fixed MAC on the backend end of every vif.
+NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
+UPLINK_DEV = "uplink0"  # deliberately not eth0: nothing may depend on that name
+UPLINK_PEER_DEV = "lan0"
+VM_DEV = "eth0"
+VIF_SCRIPT = "/etc/xen/scripts/vif-route-qubes"
+
+Step = tuple[str, tuple[str, ...]]
+"""``(namespace, argv)``: run ``argv`` inside ``namespace``."""
+
+
+@dataclass(frozen=True, order=True)
+class Vm:
+    domid: int
+    ns: str
+    ipv4: IPv4Address
+    #: The address XenStore gives the VM; ``None`` for an IPv4-only VM.
+    ipv6: IPv6Address | None
+    #: The address the VM puts on itself: ``ipv6``, or for an IPv4-only VM in
+    #: an IPv6 lab one it tries anyway (the netvm must not let it through).
+    ipv6_self: IPv6Address | None
+    mac: str
+
+    @property
+    def vif(self) -> str:
+        return f"vif{self.domid}.0"
+
+    @property
+    def name(self) -> str:
+        return f"vm{self.domid}"
+
+    @property
+    def xenbus_path(self) -> str:
+        return f"backend/vif/{self.domid}/0"
+
+    @property
+    def xenstore_ip(self) -> str:
+        return " ".join(str(a) for a in (self.ipv4, self.ipv6) if a is not None)
+
+
+@dataclass(frozen=True)
+class Topology:
+    lab_id: str
+    ipv6: bool
+    uplink_ns: str
+    netvm_ns: str
+    vms: tuple[Vm, ...]
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace, in creation order (delete in reverse)."""
+        return (self.uplink_ns, self.netvm_ns, *(vm.ns for vm in self.vms))
+
+    def vm(self, name: str) -> Vm:
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        raise KeyError(name)
+
+
+def vm_ipv4(domid: int) -> IPv4Address:
+    return IPv4Address(f"10.137.0.{domid}")
+
+
+def vm_ipv6(ipv4: IPv4Address) -> IPv6Address:
+    """Qubes' scheme: the IPv4 address as the last 32 bits of ``fd09:24ef:4179::/64``."""
+    return IPv6Address(int(IPv6Address("fd09:24ef:4179::")) | int(ipv4))
+
+
+def plan_topology(lab_id: str, vms: int, ipv6: bool) -> Topology:
+    """Names and addresses of a lab with ``vms`` VMs. Pure.
+
+    With ``ipv6`` every VM but the last gets an IPv6 address in XenStore; the
+    last stays IPv4-only to prove that it gets no IPv6 through. Raises
+    ``ValueError`` for a VM count out of range (``1..MAX_VMS``, at least 2
+    with ``ipv6``).
+    """
+    low = 2 if ipv6 else 1
+    if not low <= vms <= MAX_VMS:
+        raise ValueError(f"--vms must be between {low} and {MAX_VMS}{' with --ipv6' if ipv6 else ''}")
+    base = f"{PREFIX}-{lab_id}"
+    out = []
+    for i in range(vms):
+        domid = FIRST_DOMID + i
+        v4 = vm_ipv4(domid)
+        v6 = vm_ipv6(v4) if ipv6 else None
+        out.append(
+            Vm(
+                domid=domid,
+                ns=f"{base}-vm{domid}",
+                ipv4=v4,
+                ipv6=v6 if i < vms - 1 else None,
+                ipv6_self=v6,
+                mac=f"00:16:3e:5e:6c:{domid:02x}",
+            )
+        )
+    return Topology(lab_id, ipv6, f"{base}-up", f"{base}-net", tuple(out))
+
+
+def resolv_conf(servers: tuple[IPv4Address, ...]) -> str:
+    return "".join(f"nameserver {s}\n" for s in servers)
+
+
+def _ip(*args: str) -> tuple[str, ...]:
+    return ("ip", *args)
+
+
+def uplink_commands(topo: Topology) -> list[Step]:
+    """The uplink: the router the netvm's default route points at, and its servers.
+
+    It also routes the VM ranges back through the netvm, as an attacker on
+    the netvm's LAN could, so forged packets have a way in to be dropped.
+    """
+    ns, dev = topo.uplink_ns, UPLINK_PEER_DEV
+    steps: list[Step] = [(ns, _ip("link", "set", "lo", "up"))]
+    for addr in (UPLINK_PEER, RESOLVER_A, RESOLVER_B):
+        steps.append((ns, _ip("addr", "add", f"{addr}/{UPLINK_PREFIXLEN}", "dev", dev)))
+    if topo.ipv6:
+        steps.append((ns, _ip("-6", "addr", "add", f"{UPLINK6_PEER}/{UPLINK6_PREFIXLEN}", "dev", dev, "nodad")))
+    steps.append((ns, _ip("link", "set", dev, "up")))
+    steps.append((ns, _ip("route", "add", VM4_NET, "via", str(NETVM_UPLINK))))
+    if topo.ipv6:
+        steps.append((ns, _ip("-6", "route", "add", VM6_PREFIX, "via", str(NETVM_UPLINK6))))
+    return steps
+
+
+def netvm_commands(topo: Topology) -> list[Step]:
+    """The netvm: its uplink and one veth per VM, named and addressed as netback would.
+
+    The vif ends stay down, as netback leaves them: bringing them up is the
+    hotplug script's job. Links are created from inside the netvm namespace
+    with the peer sent straight into its own namespace, so no device ever
+    exists in the caller's namespace.
+    """
+    ns = topo.netvm_ns
+    steps: list[Step] = [
+        (ns, _ip("link", "set", "lo", "up")),
+        (ns, _ip("link", "add", UPLINK_DEV, "type", "veth", "peer", "name", UPLINK_PEER_DEV, "netns", topo.uplink_ns)),
+        (ns, _ip("addr", "add", f"{NETVM_UPLINK}/{UPLINK_PREFIXLEN}", "dev", UPLINK_DEV)),
+    ]
+    if topo.ipv6:
+        steps.append((ns, _ip("-6", "addr", "add", f"{NETVM_UPLINK6}/{UPLINK6_PREFIXLEN}", "dev", UPLINK_DEV, "nodad")))
+    steps.append((ns, _ip("link", "set", UPLINK_DEV, "up")))
+    steps.append((ns, _ip("route", "add", "default", "via", str(UPLINK_PEER))))
+    if topo.ipv6:
+        steps.append((ns, _ip("-6", "route", "add", "default", "via", str(UPLINK6_PEER))))
+    for vm in topo.vms:
+        steps.append(
+            (ns, _ip("link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth",
+                     "peer", "name", VM_DEV, "address", vm.mac, "netns", vm.ns))
+        )
+    return steps
+
+
+def vm_commands(vm: Vm) -> list[Step]:
+    """A VM configures itself as a Qubes VM does: /32, pinned gateway, on-link default route."""
+    ns = vm.ns
+    steps: list[Step] = [
+        (ns, _ip("link", "set", "lo", "up")),
+        (ns, _ip("addr", "add", f"{vm.ipv4}/32", "dev", VM_DEV)),
+        (ns, _ip("link", "set", VM_DEV, "up")),
+        (ns, _ip("neigh", "replace", str(GATEWAY), "lladdr", NETBACK_MAC, "dev", VM_DEV, "nud", "permanent")),
+        (ns, _ip("route", "add", "default", "via", str(GATEWAY), "dev", VM_DEV, "onlink")),
+    ]
+    if vm.ipv6_self is not None:
+        steps += [
+            (ns, _ip("-6", "addr", "add", f"{vm.ipv6_self}/128", "dev", VM_DEV, "nodad")),
+            (ns, _ip("-6", "neigh", "replace", str(GATEWAY6), "lladdr", NETBACK_MAC, "dev", VM_DEV,
+                     "nud", "permanent")),
+            (ns, _ip("-6", "route", "add", "default", "via", str(GATEWAY6), "dev", VM_DEV, "onlink")),
+        ]
+    return steps
+
+
+def netvm_params(topo: Topology) -> dict[str, str]:
+    """The netvm parameters, keyed as the ``qubes-netvm-*`` XenStore names."""
+    out = {
+        "qubes-netvm-gateway": str(GATEWAY),
+        "qubes-netvm-primary-dns": str(DNS1),
+        "qubes-netvm-secondary-dns": str(DNS2),
+    }
+    if topo.ipv6:
+        out["qubes-netvm-gateway6"] = str(GATEWAY6)
+    return out
+
+
+def netvm_conf(topo: Topology, hooks_dir: str, with_params: bool) -> str:
+    """The lab's netvm.conf: always a private hooks dir; the parameters only if asked.
+
+    Without ``[netvm]`` the tools fall through to XenStore, which is the path
+    the lab means to exercise. ``with_params`` is for hosts with QubesDB,
+    which comes before XenStore and would hand the tools the host's values.
+    """
+    text = f"[hotplug]\nhooks_dir = {hooks_dir}\n"
+    if with_params:
+        keys = {"qubes-netvm-gateway": "gateway", "qubes-netvm-gateway6": "gateway6",
+                "qubes-netvm-primary-dns": "primary_dns", "qubes-netvm-secondary-dns": "secondary_dns"}
+        text += "\n[netvm]\n" + "".join(f"{keys[k]} = {v}\n" for k, v in netvm_params(topo).items())
+    return text
+
+
+def xenstore_entries(topo: Topology) -> list[tuple[str, str]]:
+    """What libxl writes for each vif (backend and frontend side), plus the netvm parameters.
+
+    Absolute paths; the netvm is domain 0 of the embedded XenStore.
+    """
+    home = "/local/domain/0"
+    out = [(f"{home}/{k}", v) for k, v in netvm_params(topo).items()]
+    for vm in topo.vms:
+        be = f"{home}/{vm.xenbus_path}"
+        fe = f"/local/domain/{vm.domid}/device/vif/0"
+        out += [
+            (f"/local/domain/{vm.domid}/name", f"{topo.lab_id}-{vm.name}"),
+            (f"{fe}/backend", be),
+            (f"{fe}/backend-id", "0"),
+            (f"{fe}/handle", "0"),
+            (f"{fe}/mac", vm.mac),
+            (f"{be}/frontend", fe),
+            (f"{be}/frontend-id", str(vm.domid)),
+            (f"{be}/online", "1"),
+            (f"{be}/state", "2"),  # XenbusStateInitWait: backend waits for hotplug
+            (f"{be}/script", VIF_SCRIPT),
+            (f"{be}/mac", vm.mac),
+            (f"{be}/ip", vm.xenstore_ip),
+            (f"{be}/type", "vif"),
+            (f"{be}/handle", "0"),
+        ]
+    return out
+
+
+@dataclass(frozen=True)
+class LabPaths:
+    """Files of one lab run, all under its private temporary directory."""
+
+    tmpdir: str
+
+    @property
+    def xenstore_socket(self) -> str:
+        return f"{self.tmpdir}/xenstored.socket"
+
+    @property
+    def conf(self) -> str:
+        return f"{self.tmpdir}/netvm.conf"
+
+    @property
+    def hooks_dir(self) -> str:
+        return f"{self.tmpdir}/hooks.d"
+
+    @property
+    def hotplug_lock(self) -> str:
+        return f"{self.tmpdir}/hotplug.lock"
+
+    @property
+    def xtables_lock(self) -> str:
+        return f"{self.tmpdir}/xtables.lock"
+
+
+def tool_env(paths: LabPaths, base: Mapping[str, str]) -> dict[str, str]:
+    """Environment for every tool of this package the lab runs: all state in the lab's tmpdir."""
+    env = dict(base)
+    env.update(
+        XENSTORED_PATH=paths.xenstore_socket,
+        VIF_HOTPLUG_CONF=paths.conf,
+        VIF_HOTPLUG_LOCK=paths.hotplug_lock,
+        XTABLES_LOCKFILE=paths.xtables_lock,
+    )
+    return env
+
+
+def hotplug_env(vm: Vm, paths: LabPaths, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment libxl / ``xl devd`` gives a vif script (README §1), pointed at the lab."""
+    env = tool_env(paths, base)
+    env.update(
+        script=VIF_SCRIPT,
+        XENBUS_TYPE="vif",
+        XENBUS_PATH=vm.xenbus_path,
+        XENBUS_BASE_PATH="backend",
+        vif=vm.vif,
+        netdev="",
+    )
+    return env
