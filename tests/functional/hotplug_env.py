@@ -8,16 +8,22 @@ with the distribution's own tools, never with our adapters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyxs
 
-from .conftest import Netns, NetnsFactory, entry_point
+from vif_hotplug.xenstored import XenStoreServer
+
+from .conftest import Netns, NetnsFactory, entry_point, require_tool
 
 NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
 GATEWAY = "10.137.0.1"
@@ -236,3 +242,22 @@ def udp_send(ns: Netns, src: str, dst: str, port: int, payload: str) -> None:
 
 def env_without_xenbus() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("XENBUS_PATH", "vif")}
+
+
+@contextlib.contextmanager
+def running_netvm(make_netns: NetnsFactory, conf: str) -> Iterator[Netvm]:
+    """A netvm namespace with ``conf`` as netvm.conf and its own embedded XenStore."""
+    for tool in ("ipset", "iptables-legacy-save", "ip6tables-legacy-save", "conntrack"):
+        require_tool(tool)
+    # A short directory: Unix socket paths are limited to 108 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="vh"))
+    (tmp / "hooks").mkdir()
+    server = XenStoreServer(str(tmp / "xs.sock"))
+    server.start_in_thread()
+    try:
+        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"))
+        env.write_conf(conf)
+        yield env
+    finally:
+        server.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

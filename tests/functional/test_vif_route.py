@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vif_hotplug.xenstored import XenStoreServer
-
-from .conftest import NetnsFactory, entry_point, require_tool
-from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, udp_listen, udp_send
+from .conftest import NetnsFactory, entry_point
+from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, running_netvm, udp_listen, udp_send
 
 CONF = f"""[netvm]
 gateway = {GATEWAY}
@@ -29,20 +25,8 @@ secondary_dns = 10.139.1.2
 
 @pytest.fixture
 def netvm(make_netns: NetnsFactory) -> Iterator[Netvm]:
-    for tool in ("ipset", "iptables-legacy-save", "conntrack"):
-        require_tool(tool)
-    # A short directory: Unix socket paths are limited to 108 bytes.
-    tmp = Path(tempfile.mkdtemp(prefix="vh"))
-    (tmp / "hooks").mkdir()
-    server = XenStoreServer(str(tmp / "xs.sock"))
-    server.start_in_thread()
-    try:
-        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"))
-        env.write_conf(CONF)
+    with running_netvm(make_netns, CONF) as env:
         yield env
-    finally:
-        server.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- online -------------------------------------------------------------------

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from vif_hotplug.xenstored import XenStoreServer
-
-from .conftest import NetnsFactory, require_tool
-from .hotplug_env import GATEWAY, GATEWAY6, UPLINK6_NET, Netvm, udp_listen, udp_send
+from .conftest import NetnsFactory
+from .hotplug_env import GATEWAY, GATEWAY6, UPLINK6_NET, Netvm, running_netvm, udp_listen, udp_send
 from .test_vif_route import _wait_for_line
 
 CONF6 = f"""[netvm]
@@ -26,19 +21,8 @@ VM6 = "fd09:24ef:4179::a89:5"
 
 @pytest.fixture
 def netvm6(make_netns: NetnsFactory) -> Iterator[Netvm]:
-    for tool in ("ipset", "ip6tables-legacy-save"):
-        require_tool(tool)
-    tmp = Path(tempfile.mkdtemp(prefix="vh"))
-    (tmp / "hooks").mkdir()
-    server = XenStoreServer(str(tmp / "xs.sock"))
-    server.start_in_thread()
-    try:
-        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"))
-        env.write_conf(CONF6)
+    with running_netvm(make_netns, CONF6) as env:
         yield env
-    finally:
-        server.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_dual_stack_online_adds_ipv6_route_neighbour_gateway_and_set_entry(netvm6: Netvm) -> None:
@@ -179,3 +163,17 @@ def test_a_vm_ipv6_address_forged_from_the_uplink_is_dropped(netvm6: Netvm) -> N
         listener.kill()
         listener.wait()
     assert log.read_text().splitlines() == [f"{UPLINK6_NET}::2 genuine"]
+
+
+def test_every_address_is_routed_and_allowed_not_only_the_first_of_each_family(netvm6: Netvm) -> None:
+    extra = ["10.137.0.5", "10.137.0.55", VM6, "fd09:24ef:4179::a89:55"]
+    netvm6.add_vm(4, extra)
+    netvm6.hotplug("online", 4)
+    routes = netvm6.ns.run("ip", "route").stdout + netvm6.ns.run("ip", "-6", "route").stdout
+    for addr in extra:
+        assert f"{addr} dev vif4.0 proto static metric 32748" in routes
+    assert netvm6.set_members("qbs-allowed4") == ["10.137.0.5,vif4.0", "10.137.0.55,vif4.0"]
+    assert netvm6.set_members("qbs-allowed6") == [f"{VM6},vif4.0", "fd09:24ef:4179::a89:55,vif4.0"]
+    # One gateway per family, whatever the number of addresses.
+    addrs = netvm6.ns.run("ip", "-o", "addr", "show", "vif4.0").stdout
+    assert addrs.count(f"{GATEWAY}/32") == 1 and addrs.count(f"{GATEWAY6}/128") == 1
