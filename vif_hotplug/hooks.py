@@ -32,9 +32,9 @@ def hook_programs(directory: str) -> list[str]:
     return out
 
 
-def run_hooks(h: Hooks, directory: str) -> None:
+def run_hooks(h: Hooks) -> None:
     """Run every hook once per address. Never raises for a hook's failure."""
-    for prog in hook_programs(directory):
+    for prog in hook_programs(h.directory):
         for addr in h.addresses:
             argv = [prog, h.command, h.dev, h.vif_type, addr]
             try:

@@ -8,7 +8,6 @@ and host.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from .applier import apply_all_or_nothing, apply_best_effort
 from .errors import InvalidInput, KernelError
 from .locks import file_lock
 from .model import IPNetwork, Plan, Step
-from .netvm_params import load_netvm_params
+from .netvm_params import load_local_settings, load_netvm_params, read_conf
 from .planner import merge_networks, plan_offline, plan_online
 from .system import KernelHost
 from .validation import parse_vm_addresses
@@ -52,7 +51,9 @@ def handle_event(
     """
     online = event.command == "online"
     backend = read_backend(xs, event.xenbus_path, require=online)
-    netvm = load_netvm_params(env, xenstore=xs)
+    conf = read_conf(env)
+    netvm = load_netvm_params(env, xenstore=xs, conf=conf)
+    hooks_dir = load_local_settings(env, conf).hooks_dir
     dev = backend.vifname or event.dev
     # Serialise with other hotplug runs: offline decides which downstream
     # addresses are still used by another vif, which must not race an online.
@@ -64,16 +65,16 @@ def handle_event(
             facts = host.netlink.link_facts(rename_from or dev)
             if not facts.exists:
                 raise KernelError(f"device {dev} does not exist")
-            plan = plan_online(dev, event.vif.domid, backend.vm, netvm, facts, rename_from)
+            plan = plan_online(dev, event.vif.domid, backend.vm, netvm, facts, rename_from, hooks_dir)
         else:
             if host.netlink.index(dev) is None and host.netlink.index(event.dev) is not None:
                 dev = event.dev
             facts = host.netlink.link_facts(dev)
-            mine, elsewhere = _set_networks(host, dev)
+            mine, elsewhere = _set_networks(host, dev, facts.ipv6_in_kernel)
             known = backend.vm.networks if backend.vm else ()
             networks = merge_networks(known, mine)
             vif_type = backend.vm.vif_type if backend.vm else "vif"
-            plan = plan_offline(dev, event.vif.domid, networks, netvm, facts, elsewhere, vif_type)
+            plan = plan_offline(dev, event.vif.domid, networks, netvm, facts, elsewhere, vif_type, hooks_dir)
         for note in plan.notes:
             log.warning("%s: %s", dev, note)
         for line in plan.lines():
@@ -85,11 +86,11 @@ def handle_event(
     return Outcome(plan, tuple(changed), applied=True)
 
 
-def _set_networks(host: KernelHost, dev: str) -> tuple[tuple[IPNetwork, ...], frozenset[str]]:
+def _set_networks(host: KernelHost, dev: str, ipv6: bool) -> tuple[tuple[IPNetwork, ...], frozenset[str]]:
     """Networks the allowed sets hold for ``dev``, and those held for any other vif."""
     mine: list[IPNetwork] = []
     elsewhere: set[str] = set()
-    families = (4, 6) if os.path.isdir("/proc/sys/net/ipv6") else (4,)
+    families = (4, 6) if ipv6 else (4,)
     for fam in families:
         for entry in host.sets.members(ALLOWED[fam]):
             if entry.dev == dev:

@@ -210,9 +210,10 @@ class Hooks:
     dev: str
     vif_type: str
     addresses: tuple[str, ...]
+    directory: str
 
     def __str__(self) -> str:
-        return f"hooks {self.command} {self.dev} {self.vif_type} {' '.join(self.addresses)}"
+        return f"hooks in {self.directory}: {self.command} {self.dev} {self.vif_type} {' '.join(self.addresses)}"
 
 
 Settable = Sysctl | LinkGroup | LinkState | LinkRename

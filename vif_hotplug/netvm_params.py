@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .errors import InvalidInput
 from .model import NetvmParams
@@ -106,7 +106,8 @@ def parse_local_settings(text: str, origin: str = "netvm.conf") -> LocalSettings
     return LocalSettings(hooks_dir=parser["hotplug"].get("hooks_dir", DEFAULT_HOOKS_DIR))
 
 
-def _read_conf(env: Mapping[str, str]) -> tuple[str, str] | None:
+def read_conf(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(path, text) of the config file, or ``None`` when there is none."""
     path = conf_path(env)
     try:
         with open(path, encoding="utf-8") as f:
@@ -117,8 +118,12 @@ def _read_conf(env: Mapping[str, str]) -> tuple[str, str] | None:
         raise InvalidInput(f"cannot read config {path}: {exc}") from None
 
 
-def load_local_settings(env: Mapping[str, str]) -> LocalSettings:
-    conf = _read_conf(env)
+def load_local_settings(
+    env: Mapping[str, str], conf: tuple[str, str] | Literal["read"] | None = "read"
+) -> LocalSettings:
+    """``[hotplug]`` settings; ``conf`` as returned by :func:`read_conf` if already read."""
+    if conf == "read":
+        conf = read_conf(env)
     settings = parse_local_settings(conf[1], conf[0]) if conf else LocalSettings()
     if env.get("VIF_HOTPLUG_HOOKS_DIR"):
         settings = LocalSettings(hooks_dir=env["VIF_HOTPLUG_HOOKS_DIR"])
@@ -148,15 +153,18 @@ def load_netvm_params(
     env: Mapping[str, str],
     xenstore: XenStore | None = None,
     connect: Callable[[], XenStore] | None = None,
+    conf: tuple[str, str] | Literal["read"] | None = "read",
 ) -> NetvmParams:
     """Netvm parameters from the first source that has them.
 
     ``xenstore`` is an open connection to reuse; otherwise ``connect`` opens
-    one (only if the earlier sources had nothing). Raises ``InvalidInput``
+    one (only if the earlier sources had nothing); ``conf`` is the config
+    file as returned by :func:`read_conf` when the caller already read it. Raises ``InvalidInput``
     for a bad value in the winning source, ``XenStoreUnavailable`` when
     XenStore is needed and down. Returns empty params if no source has any.
     """
-    conf = _read_conf(env)
+    if conf == "read":
+        conf = read_conf(env)
     if conf is not None:
         params = parse_netvm_conf(conf[1], conf[0])
         if params is not None and _has_params(params):

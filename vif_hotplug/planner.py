@@ -33,6 +33,7 @@ from .model import (
     VmNetwork,
     route_metric,
 )
+from .netvm_params import DEFAULT_HOOKS_DIR
 
 
 def _is_host(net: IPNetwork) -> bool:
@@ -63,6 +64,7 @@ def plan_online(
     netvm: NetvmParams,
     link: LinkFacts,
     rename_from: str | None = None,
+    hooks_dir: str = DEFAULT_HOOKS_DIR,
 ) -> Plan:
     """Everything ``online`` brings up for one vif, in order.
 
@@ -101,7 +103,8 @@ def plan_online(
         steps.append(Step("add", DeviceAddress(dev, f"{netvm.gateway6}/128")))
     elif netvm.gateway6 is not None and v6:
         notes.append(f"IPv6 gateway not added: {why_not}")
-    steps.append(Step("run", Hooks("online", dev, vm.vif_type, tuple(str(n.network_address) for n in nets))))
+    addrs = tuple(str(n.network_address) for n in nets)
+    steps.append(Step("run", Hooks("online", dev, vm.vif_type, addrs, hooks_dir)))
     return Plan("online", dev, tuple(steps), tuple(notes))
 
 
@@ -113,6 +116,7 @@ def plan_offline(
     link: LinkFacts,
     owned_elsewhere: frozenset[str] = frozenset(),
     vif_type: str = "vif",
+    hooks_dir: str = DEFAULT_HOOKS_DIR,
 ) -> Plan:
     """Everything ``offline`` removes for one vif, whatever is still there.
 
@@ -143,7 +147,8 @@ def plan_offline(
         steps.append(Step("set", LinkGroup(dev, DEFAULT_GROUP)))
         steps.append(Step("set", Sysctl("ipv4", dev, "proxy_arp", link.default("ipv4/proxy_arp"))))
     if networks:
-        steps.append(Step("run", Hooks("offline", dev, vif_type, tuple(str(n.network_address) for n in networks))))
+        addrs = tuple(str(n.network_address) for n in networks)
+        steps.append(Step("run", Hooks("offline", dev, vif_type, addrs, hooks_dir)))
     return Plan("offline", dev, tuple(steps))
 
 

@@ -37,8 +37,7 @@ if TYPE_CHECKING:
 class KernelHost:
     """Applies plan steps to the kernel of the caller's network namespace."""
 
-    def __init__(self, hooks_dir: str, firewall: Firewall | None = None) -> None:
-        self._hooks_dir = hooks_dir
+    def __init__(self, firewall: Firewall | None = None) -> None:
         self._firewall = firewall
         self._netlink: Netlink | None = None
         self._sets: KernelSets | None = None
@@ -114,6 +113,6 @@ class KernelHost:
         elif isinstance(target, ConntrackPurge):
             purge_conntrack(target.address)
         elif isinstance(target, Hooks):
-            run_hooks(target, self._hooks_dir)
+            run_hooks(target)
         else:
             raise TypeError(target)

@@ -97,18 +97,11 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
         return 0
 
     from .hotplug import handle_event
-    from .netvm_params import load_local_settings
     from .system import KernelHost
     from .xenstore_client import XenStore
     from .xenstore_env import report_connected, report_error
 
-    try:
-        host = KernelHost(load_local_settings(env).hooks_dir)
-    except InvalidInput as exc:
-        log.error("%s: %s", event.dev, exc)
-        if not ns.dry_run:
-            _report_invalid(env, str(exc))
-        return 1
+    host = KernelHost()
     try:
         with XenStore(env) as xs:
             try:

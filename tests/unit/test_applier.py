@@ -85,7 +85,7 @@ ONLINE = Plan(
         Step("add", ENTRY),
         Step("set", LinkState("vif4.0", True)),
         Step("add", ROUTE),
-        Step("run", Hooks("online", "vif4.0", "vif", ("10.137.0.5",))),
+        Step("run", Hooks("online", "vif4.0", "vif", ("10.137.0.5",), "/hooks")),
     ),
 )
 
