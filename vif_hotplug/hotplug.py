@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .antispoof import ALLOWED
 from .applier import apply_all_or_nothing, apply_best_effort
 from .errors import InvalidInput, KernelError
 from .locks import file_lock
-from .model import IPNetwork, Plan, Step
-from .netvm_params import load_local_settings, load_netvm_params, read_conf
+from .mapped_nat import netns_exists
+from .model import IPNetwork, NatNamespace, Plan, Step
+from .netvm_params import load_local_settings, load_mapped, load_netvm_params, read_conf
 from .planner import merge_networks, plan_offline, plan_online
 from .system import KernelHost
 from .validation import parse_vm_addresses
@@ -65,11 +66,13 @@ def handle_event(
             facts = host.netlink.link_facts(rename_from or dev)
             if not facts.exists:
                 raise KernelError(f"device {dev} does not exist")
-            plan = plan_online(dev, event.vif.domid, backend.vm, netvm, facts, rename_from, hooks_dir)
+            vm = backend.vm
+            mapped = load_mapped(env, str(vm.ipv4[0].network_address), conf) if vm.ipv4 else None
+            plan = plan_online(dev, event.vif.domid, vm, netvm, facts, rename_from, hooks_dir, mapped)
         else:
             if host.netlink.index(dev) is None and host.netlink.index(event.dev) is not None:
                 dev = event.dev
-            facts = host.netlink.link_facts(dev)
+            facts = replace(host.netlink.link_facts(dev), nat_namespace=netns_exists(NatNamespace(dev).netns))
             mine, elsewhere = _set_networks(host, dev, facts.ipv6_in_kernel)
             known = backend.vm.networks if backend.vm else ()
             networks = merge_networks(known, mine)

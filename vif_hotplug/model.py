@@ -58,8 +58,6 @@ class NetvmParams:
     secondary_dns: IPv4Address | None = None
     #: ``None`` means "on exactly when gateway6 is set".
     ipv6_override: bool | None = None
-    #: real address -> (visible address, visible gateway); read, not yet acted on.
-    mapped: tuple[tuple[IPv4Address, IPv4Address, IPv4Address | None], ...] = ()
     source: str = "defaults"
 
     @property
@@ -82,6 +80,8 @@ class LinkFacts:
     ipv6_disabled: bool = False
     #: The kernel has IPv6 at all (``ipv6.disable=1`` removes it, and ip6tables with it).
     ipv6_in_kernel: bool = True
+    #: A NAT namespace for this vif exists (it has a mapped address).
+    nat_namespace: bool = False
     #: Values a freshly created interface gets (``conf/default``); offline
     #: restores them so the device ends as netback created it.
     sysctl_defaults: tuple[tuple[str, str], ...] = (("ipv4/proxy_arp", "0"), ("ipv6/proxy_ndp", "0"))
@@ -216,8 +216,40 @@ class Hooks:
         return f"hooks in {self.directory}: {self.command} {self.dev} {self.vif_type} {' '.join(self.addresses)}"
 
 
+@dataclass(frozen=True, order=True)
+class NatNamespace:
+    """The per-vif NAT namespace of a VM with a mapped ("visible") address.
+
+    Only ``dev`` identifies it; the addresses describe what it translates
+    (empty when unknown, as for an offline after the parameters went away).
+    """
+
+    dev: str
+    real_ip: str = ""
+    visible_ip: str = ""
+    visible_gateway: str = ""
+    gateway: str = ""
+    vm_mac: str = ""
+
+    @property
+    def netns(self) -> str:
+        return f"{self.dev}-nat"
+
+    @property
+    def peer(self) -> str:
+        return f"{self.dev}-p"
+
+    def __str__(self) -> str:
+        if not self.real_ip:
+            return f"NAT namespace {self.netns}"
+        return (
+            f"NAT namespace {self.netns}: VM's {self.visible_ip} (gateway {self.visible_gateway}) "
+            f"is {self.real_ip} (gateway {self.gateway}) here"
+        )
+
+
 Settable = Sysctl | LinkGroup | LinkState | LinkRename
-Removable = Neighbour | Route | DeviceAddress | SetEntry
+Removable = Neighbour | Route | DeviceAddress | SetEntry | NatNamespace
 Runnable = AntispoofBase | ConntrackPurge | Hooks
 Target = Settable | Removable | Runnable
 

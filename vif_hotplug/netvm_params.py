@@ -11,7 +11,11 @@ First source that has a ``gateway`` or ``primary_dns`` wins:
 3. XenStore, the same names without the leading slash, relative to this
    domain's home (``qubes-netvm-gateway`` ...).
 
-The same file's ``[hotplug]`` section holds local settings (``hooks_dir``).
+The same file's ``[hotplug]`` section holds local settings (``hooks_dir``),
+and ``[mapped-ip]`` maps a VM's real address to what it sees
+(``10.137.0.50 = 10.138.0.2 10.138.0.1``: visible address, optional visible
+gateway), as QubesDB's ``/mapped-ip/<ip>/visible-ip`` and ``visible-gateway``
+do (XenStore cannot hold them: its paths allow no dots).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Literal
 
 from .errors import InvalidInput
@@ -186,3 +191,41 @@ def load_netvm_params(
 
 def _from_xenstore(xs: XenStore) -> NetvmParams:
     return params_from_values({k: xs.read(q) for k, q in _QUBES_NAMES.items()}, "XenStore")
+
+
+def parse_mapped(text: str, real_ip: str, origin: str = "netvm.conf") -> tuple[IPv4Address, IPv4Address | None] | None:
+    """The ``[mapped-ip]`` entry for ``real_ip`` in the config text, if any."""
+    parser = _parse_ini(text, origin)
+    if not parser.has_section("mapped-ip") or real_ip not in parser["mapped-ip"]:
+        return None
+    words = parser["mapped-ip"][real_ip].split()
+    if not 1 <= len(words) <= 2:
+        raise InvalidInput(f"invalid mapped-ip {real_ip} in {origin}: expected 'visible-ip [visible-gateway]'")
+    visible = parse_ipv4(words[0], f"visible-ip of {real_ip} in {origin}")
+    gateway = parse_ipv4(words[1], f"visible-gateway of {real_ip} in {origin}") if len(words) == 2 else None
+    return visible, gateway
+
+
+def load_mapped(
+    env: Mapping[str, str], real_ip: str, conf: tuple[str, str] | Literal["read"] | None = "read"
+) -> tuple[IPv4Address, IPv4Address | None] | None:
+    """(visible address, visible gateway) for a VM whose real address is ``real_ip``.
+
+    ``None`` when unmapped or mapped onto itself. Config file first, then QubesDB.
+    """
+    if conf == "read":
+        conf = read_conf(env)
+    found = parse_mapped(conf[1], real_ip, conf[0]) if conf is not None else None
+    if found is None:
+        reader = _qubesdb_reader()
+        if reader is not None:
+            visible = reader(f"/mapped-ip/{real_ip}/visible-ip")
+            if visible:
+                gw = reader(f"/mapped-ip/{real_ip}/visible-gateway")
+                found = (
+                    parse_ipv4(visible, f"QubesDB visible-ip of {real_ip}"),
+                    parse_ipv4(gw, f"QubesDB visible-gateway of {real_ip}") if gw else None,
+                )
+    if found is None or str(found[0]) == real_ip:
+        return None
+    return found

@@ -7,7 +7,7 @@ appears last, when everything it depends on exists.
 
 from __future__ import annotations
 
-from ipaddress import IPv6Network
+from ipaddress import IPv4Address, IPv6Network
 
 from .antispoof import ALLOWED, DOWNSTREAM
 from .errors import InvalidInput
@@ -23,6 +23,7 @@ from .model import (
     LinkGroup,
     LinkRename,
     LinkState,
+    NatNamespace,
     Neighbour,
     NetvmParams,
     Plan,
@@ -34,6 +35,10 @@ from .model import (
     route_metric,
 )
 from .netvm_params import DEFAULT_HOOKS_DIR
+from .validation import IFNAMSIZ
+
+#: (visible address, visible gateway or None for "same as the real one").
+Mapped = tuple[IPv4Address, IPv4Address | None]
 
 
 def _is_host(net: IPNetwork) -> bool:
@@ -65,17 +70,34 @@ def plan_online(
     link: LinkFacts,
     rename_from: str | None = None,
     hooks_dir: str = DEFAULT_HOOKS_DIR,
+    mapped: Mapped | None = None,
 ) -> Plan:
     """Everything ``online`` brings up for one vif, in order.
 
     ``dev`` is the final interface name (``vifname`` if set); ``rename_from``
-    the name netback gave it when a rename is due. Raises ``InvalidInput``
-    when the netvm has no IPv4 gateway for a VM with IPv4 addresses.
+    the name netback gave it when a rename is due; ``mapped`` the (visible
+    address, visible gateway) the VM believes in for its first IPv4 address.
+    Raises ``InvalidInput`` when the netvm has no IPv4 gateway for a VM with
+    IPv4 addresses.
     """
     if vm.ipv4 and netvm.gateway is None:
         raise InvalidInput("no netvm gateway configured (netvm.conf, QubesDB or XenStore qubes-netvm-gateway)")
     metric = route_metric(domid)
     notes: list[str] = []
+    nat: NatNamespace | None = None
+    if mapped is not None and vm.ipv4 and netvm.gateway is not None and _is_host(vm.ipv4[0]):
+        real = vm.ipv4[0]
+        visible_ip, visible_gw = mapped
+        nat = NatNamespace(
+            dev, str(real.network_address), str(visible_ip), str(visible_gw or netvm.gateway), str(netvm.gateway),
+            vm.mac,
+        )
+        if len(nat.peer) >= IFNAMSIZ:
+            raise InvalidInput(f"invalid vif {dev!r}: too long for a NAT namespace peer ({nat.peer})")
+        dropped = [str(n) for n in vm.networks if n != real]
+        if dropped:
+            notes.append(f"mapped address: only {real} is configured, not {' '.join(dropped)}")
+        vm = VmNetwork((real,), vm.mac, vm.vif_type)
     v6 = vm.ipv6
     if v6 and link.ipv6_disabled:
         notes.append(f"IPv6 disabled on {dev}: {' '.join(map(str, v6))} not configured")
@@ -86,6 +108,8 @@ def plan_online(
     steps: list[Step] = []
     if rename_from is not None and rename_from != dev:
         steps.append(Step("set", LinkRename(rename_from, dev)))
+    if nat is not None:
+        steps.append(Step("add", nat))
     steps.append(Step("set", Sysctl("ipv4", dev, "proxy_arp", "1")))
     steps += [Step("run", ConntrackPurge(str(n.network_address))) for n in hosts]
     steps.append(Step("run", AntispoofBase(_families(link))))
@@ -146,6 +170,8 @@ def plan_offline(
     if link.exists:
         steps.append(Step("set", LinkGroup(dev, DEFAULT_GROUP)))
         steps.append(Step("set", Sysctl("ipv4", dev, "proxy_arp", link.default("ipv4/proxy_arp"))))
+    if link.nat_namespace:
+        steps.append(Step("remove", NatNamespace(dev)))
     if networks:
         addrs = tuple(str(n.network_address) for n in networks)
         steps.append(Step("run", Hooks("offline", dev, vif_type, addrs, hooks_dir)))

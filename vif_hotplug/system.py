@@ -19,6 +19,7 @@ from .model import (
     LinkGroup,
     LinkRename,
     LinkState,
+    NatNamespace,
     Neighbour,
     Removable,
     Route,
@@ -81,6 +82,10 @@ class KernelHost:
             return self.netlink.add_route(target)
         if isinstance(target, DeviceAddress):
             return self.netlink.add_address(target)
+        if isinstance(target, NatNamespace):
+            from .mapped_nat import create
+
+            return create(target)
         raise TypeError(target)
 
     def remove(self, target: Removable) -> bool:
@@ -92,6 +97,10 @@ class KernelHost:
             return self.netlink.remove_route(target)
         if isinstance(target, DeviceAddress):
             return self.netlink.remove_address(target)
+        if isinstance(target, NatNamespace):
+            from .mapped_nat import destroy
+
+            return destroy(target)
         raise TypeError(target)
 
     def set(self, target: Settable) -> Settable | None:

@@ -98,7 +98,7 @@ class Netvm:
 
     def add_vm(
         self, domid: int, ips: list[str] | None = None, mac: str | None = None, extra: dict[str, str] | None = None,
-        make_link: bool = True,
+        make_link: bool = True, vm_view: tuple[str, str] | None = None,
     ) -> Vm:
         """A VM namespace, the veth standing in for netback's vif, and libxl's XenStore entries."""
         ips = ips or [f"10.137.0.{domid}"]
@@ -109,16 +109,18 @@ class Netvm:
             self.ns.run("ip", "link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth", "peer", "name", "vmnic0",
                         "address", mac)
             self.ns.run("ip", "link", "set", "vmnic0", "netns", vm_ns.name)
-            for ip in ips:
+            # A VM with a mapped address believes in other addresses than ours.
+            own_ips, gateway = ([vm_view[0]], vm_view[1]) if vm_view else (ips, GATEWAY)
+            for ip in own_ips:
                 if ":" in ip:
                     vm_ns.run("ip", "addr", "add", f"{ip}/128", "dev", "vmnic0", "nodad")
                 else:
                     vm_ns.run("ip", "addr", "add", f"{ip}/32", "dev", "vmnic0")
             vm_ns.run("ip", "link", "set", "vmnic0", "up")
             # As a Qubes VM configures itself: the gateway pinned to netback's MAC, onlink.
-            vm_ns.run("ip", "neigh", "replace", GATEWAY, "lladdr", NETBACK_MAC, "dev", "vmnic0", "nud", "permanent")
-            vm_ns.run("ip", "route", "add", "default", "via", GATEWAY, "dev", "vmnic0", "onlink")
-            if any(":" in ip for ip in ips):
+            vm_ns.run("ip", "neigh", "replace", gateway, "lladdr", NETBACK_MAC, "dev", "vmnic0", "nud", "permanent")
+            vm_ns.run("ip", "route", "add", "default", "via", gateway, "dev", "vmnic0", "onlink")
+            if any(":" in ip for ip in own_ips):
                 vm_ns.run("ip", "-6", "neigh", "replace", GATEWAY6, "lladdr", NETBACK_MAC, "dev", "vmnic0",
                           "nud", "permanent")
                 vm_ns.run("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "vmnic0", "onlink")
@@ -177,7 +179,15 @@ class Netvm:
             })
         full.update(env or {})
         argv = args if args else ("type_if=vif",)
-        proc = self.ns.run(entry_point("vif-route-qubes"), command, *argv, env=full, check=False)
+        # nsenter, not "ip netns exec": the toolstack runs us in the driver
+        # domain's own mount namespace, where a NAT namespace we name stays
+        # named after we exit; ip netns exec would give us a private one.
+        run_env = dict(os.environ)
+        run_env.update(full)
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.ns.name}", entry_point("vif-route-qubes"), command, *argv],
+            capture_output=True, text=True, env=run_env, timeout=120,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"vif-route-qubes {command} {domid} exited {proc.returncode}: {proc.stderr}")
         return proc
@@ -254,10 +264,15 @@ def running_netvm(make_netns: NetnsFactory, conf: str) -> Iterator[Netvm]:
     (tmp / "hooks").mkdir()
     server = XenStoreServer(str(tmp / "xs.sock"))
     server.start_in_thread()
+    env = None
     try:
         env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"))
         env.write_conf(conf)
         yield env
     finally:
+        # NAT namespaces of mapped vifs are named globally (<vif>-nat); a
+        # failed test must not leave one for the next.
+        for vm in env.vms.values() if env else ():
+            subprocess.run(["ip", "netns", "del", f"{vm.vif}-nat"], capture_output=True)
         server.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -442,3 +442,51 @@ def test_etc_wrapper_execs_the_module_by_absolute_interpreter_path() -> None:
     exec_line = next(line for line in text.splitlines() if line.startswith("exec "))
     assert '/bin/python3" -m vif_hotplug.vif_route "$@"' in exec_line
     assert os.access(Path(__file__).parents[2] / "etc/xen/scripts/vif-route-qubes", os.X_OK)
+
+
+# --- mapped ("visible") addresses ---------------------------------------------------
+
+MAPPED_CONF = CONF + "\n[mapped-ip]\n10.137.0.50 = 10.138.0.2 10.138.0.1\n"
+
+
+def test_vm_with_a_mapped_address_is_seen_under_its_real_address_both_ways(netvm: Netvm) -> None:
+    netvm.write_conf(MAPPED_CONF)
+    up = netvm.add_uplink()
+    vm = netvm.add_vm(4, ["10.137.0.50"], vm_view=("10.138.0.2", "10.138.0.1"))
+    netvm.hotplug("online", 4)
+    out_log, back_log = netvm.tmp / "out.log", netvm.tmp / "back.log"
+    at_uplink = udp_listen(up, f"{UPLINK_NET}.2", 5000, out_log)
+    at_vm = udp_listen(vm.ns, "10.138.0.2", 5001, back_log)
+    try:
+        udp_send(vm.ns, "10.138.0.2", f"{UPLINK_NET}.2", 5000, "out")
+        udp_send(up, f"{UPLINK_NET}.2", "10.137.0.50", 5001, "back")
+        assert _wait_for_line(out_log, "out") and _wait_for_line(back_log, "back")
+    finally:
+        for p in (at_uplink, at_vm):
+            p.kill()
+            p.wait()
+    assert out_log.read_text().splitlines() == ["10.137.0.50 out"]
+    assert back_log.read_text().splitlines() == [f"{UPLINK_NET}.2 back"]
+    assert "vif4.0-nat" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_mapped_vif_online_twice_changes_nothing(netvm: Netvm) -> None:
+    netvm.write_conf(MAPPED_CONF)
+    netvm.add_vm(4, ["10.137.0.50"], vm_view=("10.138.0.2", "10.138.0.1"))
+    netvm.hotplug("online", 4)
+    first = netvm.dump()
+    netvm.hotplug("online", 4)
+    assert netvm.dump() == first
+
+
+def test_mapped_vif_offline_removes_the_nat_namespace_and_restores_prior_state(netvm: Netvm) -> None:
+    netvm.write_conf(MAPPED_CONF)
+    netvm.add_vm(9)
+    netvm.hotplug("online", 9)
+    netvm.hotplug("offline", 9)
+    netvm.add_vm(4, ["10.137.0.50"], vm_view=("10.138.0.2", "10.138.0.1"))
+    before = netvm.dump()
+    netvm.hotplug("online", 4)
+    netvm.hotplug("offline", 4)
+    assert netvm.dump() == before
+    assert "vif4.0-nat" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -70,3 +70,28 @@ def test_hooks_dir_from_config_and_env(tmp_path: Path) -> None:
     conf.write_text("[hotplug]\nhooks_dir = /etc/hooks.d\n")
     assert load_local_settings({"VIF_HOTPLUG_CONF": str(conf)}).hooks_dir == "/etc/hooks.d"
     assert load_local_settings({"VIF_HOTPLUG_CONF": str(conf), "VIF_HOTPLUG_HOOKS_DIR": "/x"}).hooks_dir == "/x"
+
+
+def test_mapped_ip_from_config_with_and_without_visible_gateway() -> None:
+    from vif_hotplug.netvm_params import parse_mapped
+
+    text = "[mapped-ip]\n10.137.0.50 = 10.138.0.2 10.138.0.1\n10.137.0.51 = 10.138.0.3\n"
+    assert parse_mapped(text, "10.137.0.50") == (IPv4Address("10.138.0.2"), IPv4Address("10.138.0.1"))
+    assert parse_mapped(text, "10.137.0.51") == (IPv4Address("10.138.0.3"), None)
+    assert parse_mapped(text, "10.137.0.52") is None
+
+
+@pytest.mark.parametrize("value", ["10.138.0.300", "10.138.0.2 10.138.0.1 extra", "fd00::1", ""])
+def test_bad_mapped_ip_values_are_named(value: str) -> None:
+    from vif_hotplug.netvm_params import parse_mapped
+
+    with pytest.raises(InvalidInput, match=r"10\.137\.0\.50"):
+        parse_mapped(f"[mapped-ip]\n10.137.0.50 = {value}\n", "10.137.0.50")
+
+
+def test_an_address_mapped_onto_itself_is_not_mapped(tmp_path: Path) -> None:
+    from vif_hotplug.netvm_params import load_mapped
+
+    conf = tmp_path / "netvm.conf"
+    conf.write_text("[mapped-ip]\n10.137.0.50 = 10.137.0.50\n")
+    assert load_mapped({"VIF_HOTPLUG_CONF": str(conf)}, "10.137.0.50") is None

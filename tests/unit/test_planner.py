@@ -136,3 +136,23 @@ def test_offline_of_vanished_link_only_touches_set_members() -> None:
 
 def test_offline_with_nothing_known_is_empty_for_a_vanished_link() -> None:
     assert plan_offline("vif4.0", 4, (), NETVM, LinkFacts(exists=False)).steps == ()
+
+
+def test_mapped_vif_gets_a_nat_namespace_first_and_only_its_first_ipv4_address() -> None:
+    from vif_hotplug.model import NatNamespace
+
+    vm = VmNetwork((ip_network("10.137.0.50/32"), ip_network("10.137.0.51/32"), ip_network("fd09::5/128")),
+                   "00:16:3e:5e:6c:00")
+    plan = plan_online("vif4.0", 4, vm, NETVM6, UP, mapped=(IPv4Address("10.138.0.2"), None))
+    t = targets(plan)
+    assert t[0] == NatNamespace("vif4.0", "10.137.0.50", "10.138.0.2", "10.137.0.1", "10.137.0.1", "00:16:3e:5e:6c:00")
+    routed = [x.destination for x in t if isinstance(x, Route)]
+    assert routed == ["10.137.0.50/32"]
+    assert any("only 10.137.0.50/32" in n for n in plan.notes)
+
+
+def test_offline_removes_the_nat_namespace_when_one_exists() -> None:
+    from vif_hotplug.model import NatNamespace
+
+    t = targets(plan_offline("vif4.0", 4, V4.networks, NETVM, LinkFacts(exists=True, nat_namespace=True)))
+    assert NatNamespace("vif4.0") in t
