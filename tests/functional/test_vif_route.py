@@ -205,6 +205,18 @@ def test_offline_after_the_link_vanished_removes_its_set_members(netvm: Netvm) -
     assert netvm.set_members("qbs-downstream4") == ["10.137.0.5"]
 
 
+def test_offline_after_the_link_vanished_leaves_the_prior_state_minus_that_link(netvm: Netvm) -> None:
+    netvm.add_vm(9)
+    netvm.hotplug("online", 9)
+    netvm.hotplug("offline", 9)
+    netvm.add_vm(4)
+    before = {k: [x for x in v if "vif4.0" not in x] for k, v in netvm.dump().items()}
+    netvm.hotplug("online", 4)
+    netvm.ns.run("ip", "link", "del", "vif4.0")
+    netvm.hotplug("offline", 4)
+    assert netvm.dump() == before
+
+
 def test_offline_after_backend_keys_vanished_still_cleans_from_kernel_state(netvm: Netvm) -> None:
     netvm.add_vm(4)
     netvm.hotplug("online", 4)
