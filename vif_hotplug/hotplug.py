@@ -16,7 +16,7 @@ from .applier import apply_all_or_nothing, apply_best_effort
 from .errors import InvalidInput, KernelError
 from .locks import file_lock
 from .mapped_nat import netns_exists
-from .model import IPNetwork, NatNamespace, Plan, Step
+from .model import Hooks, IPNetwork, NatNamespace, Plan, Step
 from .netvm_params import load_local_settings, load_mapped, load_netvm_params, read_conf
 from .planner import merge_networks, plan_offline, plan_online
 from .system import KernelHost
@@ -84,8 +84,14 @@ def handle_event(
             log.debug("%s: plan: %s", dev, line)
         if dry_run:
             return Outcome(plan, (), applied=False)
+        # Hooks are the administrator's and may be slow: they run after the
+        # lock is released, so they never hold up other VMs' hotplug.
+        hooks = [s for s in plan.steps if isinstance(s.target, Hooks)]
+        kernel_part = replace(plan, steps=tuple(s for s in plan.steps if s not in hooks))
         apply = apply_all_or_nothing if online else apply_best_effort
-        changed = apply(plan, host)
+        changed = apply(kernel_part, host)
+    for step in hooks:
+        host.run(step.target)  # type: ignore[arg-type]
     return Outcome(plan, tuple(changed), applied=True)
 
 
