@@ -46,6 +46,7 @@ from .dns_rules import GUARD_CHAIN
 from .errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from .firewall import ChainSpec, Family, Firewall, Hook, Policy, Rule, Ruleset
 from .model import VIF_GROUP
+from .sysctl import swap_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -292,16 +293,10 @@ def kernel_has_ipv6(proc_sys: str = PROC_SYS) -> bool:
 
 def ensure_sysctl(write: SysctlWrite, proc_sys: str = PROC_SYS) -> bool:
     """Set the sysctl in this network namespace; ``True`` if it changed. Raises ``KernelError``."""
-    path = os.path.join(proc_sys, write.key)
     try:
-        with open(path, encoding="ascii") as f:
-            if f.read().strip() == write.value:
-                return False
-        with open(path, "w", encoding="ascii") as f:
-            f.write(write.value)
+        return swap_sysctl(os.path.join(proc_sys, write.key), write.value) is not None
     except OSError as exc:
         raise KernelError(f"cannot set {write}: {exc.strerror}") from exc
-    return True
 
 
 def apply_base(plan: BasePlan, firewall: Firewall) -> int:

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from .errors import DeviceGone, KernelError
 from .firewall import ChainSpec, Hook, Rule, Ruleset
 from .model import NatNamespace
+from .sysctl import swap_sysctl
 
 T = TypeVar("T")
 
@@ -113,21 +114,16 @@ def _forget_iptc_handles() -> None:
         iptc.Chain._cache.clear()
 
 
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
 def _configure_inside(n: NatNamespace) -> None:
     """Addresses, routes, neighbours, sysctls and firewall inside the namespace (child only)."""
     from pyroute2 import IPRoute
 
     from .iptables_backend import IptablesFirewall
 
-    _write("/proc/sys/net/ipv4/ip_forward", "1")
+    swap_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
     for scope in ("all", "default", n.dev, n.peer):
         if os.path.exists(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6"):
-            _write(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", "1")
+            swap_sysctl(f"/proc/sys/net/ipv6/conf/{scope}/disable_ipv6", "1")
     with IPRoute() as ipr:
         vm_side = ipr.link_lookup(ifname=n.dev)[0]
         up_side = ipr.link_lookup(ifname=n.peer)[0]

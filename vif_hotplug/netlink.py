@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import DeviceGone, KernelError
 from .model import DeviceAddress, LinkFacts, LinkGroup, LinkRename, LinkState, Neighbour, Route, Sysctl
+from .sysctl import swap_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,12 @@ class Netlink:
     def set_sysctl(self, s: Sysctl) -> Sysctl | None:
         path = _sysctl_path(s.family, s.dev, s.name)
         try:
-            with open(path) as f:
-                old = f.read().strip()
-            if old == s.value:
-                return None
-            with open(path, "w") as f:
-                f.write(s.value)
+            old = swap_sysctl(path, s.value)
         except FileNotFoundError:
             raise DeviceGone(f"cannot set {s}: {path} does not exist") from None
         except OSError as exc:
             raise KernelError(f"cannot set {s}: {exc.strerror}") from exc
-        return Sysctl(s.family, s.dev, s.name, old)
+        return None if old is None else Sysctl(s.family, s.dev, s.name, old)
 
     def _link(self, dev: str) -> Any:
         return self._ipr.get_links(self._require(dev))[0]
