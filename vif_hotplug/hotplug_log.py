@@ -51,3 +51,21 @@ def _own_or_warning(record: logging.LogRecord) -> bool:
     # Libraries' chatter (pyroute2 logs every netlink message at DEBUG and
     # resets its logger's level when imported) is not what -v is for.
     return record.levelno >= logging.WARNING or record.name.startswith("vif_hotplug")
+
+
+class _Tag(logging.Filter):
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self._tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if not msg.startswith(f"{self._tag}:"):
+            record.msg, record.args = f"{self._tag}: {msg}", None
+        return True
+
+
+def tag_lines(tag: str) -> None:
+    """Make every line the configured handlers emit start with ``tag:`` (the vif)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Tag(tag))

@@ -33,8 +33,9 @@ in a routed Xen driver domain: proxy ARP, conntrack purge, anti-spoofing set
 entries, permanent neighbour entries, /32 and /128 host routes with metric
 32752-domid, the gateway address on the vif, user hooks; then report
 hotplug-status to XenStore. add/remove (used for emulated tap devices) are a
-successful no-op. Idempotent: online twice or offline twice changes nothing.
-Never needs eth0."""
+successful no-op. A VM whose address is mapped (it sees another address than
+the one routed here) gets a NAT namespace <vif>-nat in between. Idempotent:
+online twice or offline twice changes nothing. Never needs eth0."""
 
 EPILOG = """\
 environment: XENBUS_PATH, vif (toolstack form); XENSTORED_PATH (XenStore
@@ -92,6 +93,9 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
         if not ns.dry_run:
             _report_invalid(env, str(exc))
         return 1
+    from .hotplug_log import tag_lines
+
+    tag_lines(event.dev)
     if event.command in ("add", "remove") or event.type_if != "vif":
         log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
         return 0

@@ -502,3 +502,11 @@ def test_mapped_vif_offline_removes_the_nat_namespace_and_restores_prior_state(n
     netvm.hotplug("offline", 4)
     assert netvm.dump() == before
     assert "vif4.0-nat" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_verbose_output_names_the_vif_on_every_line(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    proc = netvm.hotplug("online", 4, "-v", "type_if=vif")
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("vif-route-qubes: vif4.0: ") for line in lines), lines
+    assert "add route 10.137.0.4/32 dev vif4.0 metric 32748" in proc.stdout
