@@ -21,6 +21,8 @@ if [ -d /etc/NetworkManager/dispatcher.d ]; then
 fi
 if [ -d /etc/systemd/system ]; then
     install -m 0644 etc/systemd/system/vif-hotplug-init.service /etc/systemd/system/
+    # Not enabled: for netvms without NetworkManager (which has the dispatcher hook).
+    install -m 0644 etc/systemd/system/vif-hotplug-dns-watch.service /etc/systemd/system/
     systemctl daemon-reload 2>/dev/null || true
     systemctl enable vif-hotplug-init.service 2>/dev/null || true
 fi
