@@ -95,11 +95,16 @@ def parse_resolv_conf(
     """IPv4 upstreams named by the ``nameserver`` lines of resolv.conf ``text``.
 
     Addresses in ``virtual`` go to ``virtual_listed`` instead of ``servers``;
-    ``source`` only labels the result. Never raises: lines that are comments (``#`` or ``;``), other keywords,
-    ``nameserver`` without a valid IPv4 address (IPv6, garbage, nothing) are
-    ignored. As in glibc's parser, the keyword must start the line and be
-    followed by a blank, and anything after the address is ignored.
+    ``source`` labels the result and errors. Lines that are comments (``#``
+    or ``;``), other keywords, ``nameserver`` without a valid IPv4 address
+    (IPv6, garbage, nothing) are ignored. As in glibc's parser, the keyword
+    must start the line and be followed by a blank, and anything after the
+    address is ignored. A file that is not a resolv.conf at all (binary
+    data, or not one line a resolver would recognise) raises
+    :class:`InvalidInput` naming the first bad line: acting on it would turn
+    a broken file into "no upstream" and cut every VM off.
     """
+    _check_is_resolv_conf(text, source)
     found: list[IPv4Address] = []
     for line in text.splitlines():
         if not line.startswith(("nameserver ", "nameserver\t")):
@@ -111,6 +116,22 @@ def parse_resolv_conf(
         if addr is not None:
             found.append(addr)
     return Upstreams(_keep(found, virtual), source, _own(found, virtual))
+
+
+_KEYWORDS = ("nameserver", "search", "domain", "options", "sortlist")
+
+
+def _check_is_resolv_conf(text: str, source: str) -> None:
+    meaningful = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if any((ord(c) < 32 and c not in "\t\r\f") or c == "\ufffd" for c in line):
+            raise InvalidInput(f"garbage in {source} line {number}: {line[:40]!r}")
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", ";")):
+            meaningful.append((number, stripped))
+    if meaningful and not any(s.split()[0] in _KEYWORDS for _, s in meaningful):
+        number, first = meaningful[0]
+        raise InvalidInput(f"garbage in {source} line {number}: {first[:40]!r} (no resolv.conf keyword anywhere)")
 
 
 def _resolved_entry(entry: object) -> tuple[int, IPv4Address] | None:

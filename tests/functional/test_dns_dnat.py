@@ -193,6 +193,20 @@ def test_rerun_without_upstream_exits_100(netvm: Netns, conf_env: dict[str, str]
     assert tool(netvm, conf_env).returncode == EXIT_UNCHANGED
 
 
+@pytest.mark.parametrize("garbage", ["\x7fELF\x02\x01\x01\x00binary\n", "<html>captive portal</html>\n"])
+def test_garbage_resolv_conf_is_a_one_line_error_and_keeps_the_rules(
+    netvm: Netns, conf_env: dict[str, str], garbage: str
+) -> None:
+    set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
+    tool(netvm, conf_env)
+    before = saved(netvm, "nat") + saved(netvm, "filter")
+    set_resolv_conf(netvm, garbage)
+    proc = tool(netvm, conf_env)
+    assert proc.returncode == EXIT_ERROR
+    assert len(proc.stderr.strip().splitlines()) == 1 and "garbage in /etc/resolv.conf" in proc.stderr
+    assert saved(netvm, "nat") + saved(netvm, "filter") == before
+
+
 def test_changed_upstream_exits_0_with_new_rules(netvm: Netns, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)

@@ -48,13 +48,13 @@ RESOLV_CONF_CASES = [
     ("hash comment", "# nameserver 192.0.2.9\nnameserver 192.0.2.53\n", ips("192.0.2.53")),
     ("semicolon comment", "; nameserver 192.0.2.9\nnameserver 192.0.2.53\n", ips("192.0.2.53")),
     ("comment after the address", "nameserver 192.0.2.53 # primary\n", ips("192.0.2.53")),
-    ("garbage line", "\x00\xff garbage ===\nnameserver 192.0.2.53\n", ips("192.0.2.53")),
+    ("garbage line", "garbage ===\nnameserver 192.0.2.53\n", ips("192.0.2.53")),
     ("nameserver with no address", "nameserver\nnameserver \n", ()),
     ("nameserver with a word", "nameserver dns.example\n", ()),
     ("address with a prefix length", "nameserver 192.0.2.53/24\n", ()),
     ("address with leading zeros", "nameserver 192.0.2.053\n", ()),
-    ("keyword glued to the address", "nameserver192.0.2.53\n", ()),
-    ("keyword in upper case", "NAMESERVER 192.0.2.53\n", ()),
+    ("keyword glued to the address", "search lab.test\nnameserver192.0.2.53\n", ()),
+    ("keyword in upper case", "search lab.test\nNAMESERVER 192.0.2.53\n", ()),
     ("indented keyword", "  nameserver 192.0.2.53\n", ()),
     ("tab after keyword", "nameserver\t192.0.2.53\n", ips("192.0.2.53")),
     ("CRLF line ends", "nameserver 192.0.2.53\r\nnameserver 192.0.2.54\r\n", ips("192.0.2.53", "192.0.2.54")),
@@ -331,3 +331,29 @@ def test_watched_files_are_the_explicit_file_only() -> None:
 
 def test_watched_files_default_to_both_resolver_files() -> None:
     assert watched_files() == ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("\x00\x01binary\xff", "line 1"),
+        ("nameserver 192.0.2.1\n\x7fELF\x02\x01\n", "line 2"),
+        ("<html><body>captive portal</body></html>\n", "<html>"),
+        ("this is not\na resolver file\n", "this is not"),
+        ("nameserver 192.0.2.1\ufffd\n", "line 1"),
+    ],
+)
+def test_a_file_that_is_not_a_resolv_conf_is_an_error_naming_the_line(text: str, needle: str) -> None:
+    from vif_hotplug.errors import InvalidInput
+    from vif_hotplug.resolvers import parse_resolv_conf
+
+    with pytest.raises(InvalidInput) as err:
+        parse_resolv_conf(text, (), "/etc/resolv.conf")
+    assert needle in str(err.value) and "/etc/resolv.conf" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n", "search lab.test\n", "nameserver\n"])
+def test_empty_or_keyword_only_files_are_not_garbage(text: str) -> None:
+    from vif_hotplug.resolvers import parse_resolv_conf
+
+    assert parse_resolv_conf(text).servers == ()
