@@ -84,7 +84,10 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
     env = dict(os.environ if env is None else env)
     # Intermixed: the toolstack puts key=value words after the command, a
     # person may put options anywhere.
-    ns = build_parser(prog).parse_intermixed_args(argv)
+    try:
+        ns = build_parser(prog).parse_intermixed_args(argv)
+    except SystemExit as exc:  # argparse "exits" after --help (0) and on usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 2
     configure(prog, ns.verbose)
     try:
         event = parse_invocation([ns.command, *ns.args], env)
