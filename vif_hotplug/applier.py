@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from .errors import DeviceGone, HotplugError
+from .errors import DeviceGone, HotplugError, KernelError
 from .model import Plan, Removable, Runnable, Settable, Step
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,20 @@ class Host(Protocol):
 
 
 def _execute(step: Step, host: Host) -> Step | None:
-    """Run one step; return the step that would undo it, or ``None`` if nothing changed."""
+    """Run one step; return the step that would undo it, or ``None`` if nothing changed.
+
+    Any exception an adapter let through becomes ``KernelError``: a failure
+    is a failure, whatever library raised it, and must trigger the rollback.
+    """
+    try:
+        return _dispatch(step, host)
+    except HotplugError:
+        raise
+    except Exception as exc:
+        raise KernelError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _dispatch(step: Step, host: Host) -> Step | None:
     t = step.target
     if step.op == "add":
         return Step("remove", t) if host.add(t) else None  # type: ignore[arg-type]

@@ -53,10 +53,10 @@ class ChainSpec:
 
 @dataclass(frozen=True, order=True)
 class Hook:
-    """A rule that must exist in a chain we do not own, inserted at ``position``.
+    """A rule that must stand at ``position`` (from 1) in a chain we do not own.
 
-    Only its presence is ensured; other rules in that chain are left alone.
-    ``position`` counts from 1; rules missing are inserted there in order.
+    It is inserted there when missing and moved back there when something
+    pushed it down; other rules in that chain are left alone.
     """
 
     family: Family

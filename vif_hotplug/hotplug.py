@@ -10,19 +10,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from .antispoof import ALLOWED
 from .applier import apply_all_or_nothing, apply_best_effort
 from .errors import InvalidInput, KernelError
 from .locks import file_lock
 from .mapped_nat import netns_exists
-from .model import Hooks, IPNetwork, NatNamespace, Plan, Step
-from .netvm_params import load_local_settings, load_mapped, load_netvm_params, read_conf
+from .model import Hooks, IPNetwork, NatNamespace, NetvmParams, Plan, Step
+from .netvm_params import DEFAULT_HOOKS_DIR, load_local_settings, load_mapped, load_netvm_params, read_conf
 from .planner import merge_networks, plan_offline, plan_online
-from .system import KernelHost
 from .validation import parse_vm_addresses
-from .xenstore_client import XenStore
-from .xenstore_env import HotplugEvent, read_backend
+from .xenstore_env import BackendConfig, HotplugEvent, read_backend
+
+if TYPE_CHECKING:
+    from .netlink import Netlink
+    from .system import KernelHost
+    from .xenstore_client import XenStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,13 @@ class Outcome:
     changed: tuple[Step, ...]
     applied: bool
 
+    @property
+    def hooks(self) -> tuple[Hooks, ...]:
+        """Hooks still to run: only when this event changed something (a repeat is quiet)."""
+        if not (self.applied and self.changed):
+            return ()
+        return tuple(s.target for s in self.plan.steps if isinstance(s.target, Hooks))
+
 
 def lock_path(env: Mapping[str, str]) -> str:
     return env.get("VIF_HOTPLUG_LOCK") or DEFAULT_LOCK
@@ -44,35 +55,51 @@ def lock_path(env: Mapping[str, str]) -> str:
 def handle_event(
     event: HotplugEvent, xs: XenStore, env: Mapping[str, str], host: KernelHost, dry_run: bool = False
 ) -> Outcome:
-    """Bring one vif online or take it offline. Idempotent.
+    """Bring one vif online or take it offline (hooks excepted: see :func:`run_hooks`). Idempotent.
 
     Everything read from XenStore is validated before the kernel is touched.
     Online is all-or-nothing; offline removes whatever it can and touches
     only this vif's objects. Raises ``HotplugError`` subclasses.
     """
     online = event.command == "online"
-    backend = read_backend(xs, event.xenbus_path, require=online)
-    conf = read_conf(env)
-    netvm = load_netvm_params(env, xenstore=xs, conf=conf)
-    hooks_dir = load_local_settings(env, conf).hooks_dir
-    dev = backend.vifname or event.dev
+    if online:
+        backend = read_backend(xs, event.xenbus_path, require=True)
+        conf = read_conf(env)
+        netvm = load_netvm_params(env, xenstore=xs, conf=conf)
+        hooks_dir = load_local_settings(env, conf).hooks_dir
+    else:
+        backend, conf, netvm, hooks_dir = _offline_inputs(event, xs, env)
     # Serialise with other hotplug runs: offline decides which downstream
     # addresses are still used by another vif, which must not race an online.
     with file_lock(lock_path(env), LOCK_TIMEOUT, "hotplug lock"):
+        nl = host.netlink
+        if event.dev != event.vif.name and event.dev != backend.vifname and nl.alias(event.dev) != event.vif.name:
+            # Only ever act on this vif: a name from the environment must be
+            # netback's, the configured vifname, or a device renamed from it.
+            raise InvalidInput(f"invalid vif {event.dev!r}: neither {event.vif.name} nor its vifname")
         if online:
-            if backend.vm is None:  # read_backend(require=True) already refuses this
+            vm = backend.vm
+            if vm is None:  # read_backend(require=True) already refuses this
                 raise InvalidInput(f"{event.xenbus_path}/ip is missing")
-            rename_from = event.dev if dev != event.dev and host.netlink.index(event.dev) is not None else None
-            facts = host.netlink.link_facts(rename_from or dev)
+            dev = backend.vifname or event.dev
+            rename_from = None
+            if dev != event.dev:
+                if nl.index(event.dev) is not None:
+                    rename_from = event.dev
+                elif nl.index(dev) is not None and nl.alias(dev) != event.dev:
+                    raise InvalidInput(f"invalid vifname {dev!r}: another device already has that name")
+            facts = nl.link_facts(rename_from or dev)
             if not facts.exists:
                 raise KernelError(f"device {dev} does not exist")
-            vm = backend.vm
             mapped = load_mapped(env, str(vm.ipv4[0].network_address), conf) if vm.ipv4 else None
-            plan = plan_online(dev, event.vif.domid, vm, netvm, facts, rename_from, hooks_dir, mapped)
+            allowed, _ = _set_networks(host, dev, facts.ipv6_in_kernel)
+            plan = plan_online(
+                dev, event.vif.domid, vm, netvm, facts, rename_from, hooks_dir, mapped,
+                already_allowed=frozenset(str(n) for n in allowed),
+            )
         else:
-            if host.netlink.index(dev) is None and host.netlink.index(event.dev) is not None:
-                dev = event.dev
-            facts = replace(host.netlink.link_facts(dev), nat_namespace=netns_exists(NatNamespace(dev).netns))
+            dev = _offline_device(nl, event.dev, backend.vifname)
+            facts = replace(nl.link_facts(dev), nat_namespace=netns_exists(NatNamespace(dev).netns))
             mine, elsewhere = _set_networks(host, dev, facts.ipv6_in_kernel)
             known = backend.vm.networks if backend.vm else ()
             networks = merge_networks(known, mine)
@@ -84,15 +111,51 @@ def handle_event(
             log.debug("%s: plan: %s", dev, line)
         if dry_run:
             return Outcome(plan, (), applied=False)
-        # Hooks are the administrator's and may be slow: they run after the
-        # lock is released, so they never hold up other VMs' hotplug.
-        hooks = [s for s in plan.steps if isinstance(s.target, Hooks)]
-        kernel_part = replace(plan, steps=tuple(s for s in plan.steps if s not in hooks))
+        # Hooks are the administrator's and may be slow: the caller runs them
+        # (run_hooks) after the lock is released and the status reported.
+        kernel_part = replace(plan, steps=tuple(s for s in plan.steps if not isinstance(s.target, Hooks)))
         apply = apply_all_or_nothing if online else apply_best_effort
         changed = apply(kernel_part, host)
-    for step in hooks:
-        host.run(step.target)  # type: ignore[arg-type]
     return Outcome(plan, tuple(changed), applied=True)
+
+
+def run_hooks(outcome: Outcome, host: KernelHost) -> None:
+    """Run the user hooks of an applied event (none when it changed nothing). Never raises."""
+    for hooks in outcome.hooks:
+        host.run(hooks)
+
+
+def _offline_inputs(
+    event: HotplugEvent, xs: XenStore, env: Mapping[str, str]
+) -> tuple[BackendConfig, tuple[str, str] | None, NetvmParams, str]:
+    """Offline's inputs; a bad value is logged, not fatal.
+
+    Offline must clean up whatever a bad value cannot stop being in the
+    kernel: the set members name this vif, so they are found without it.
+    """
+    try:
+        backend = read_backend(xs, event.xenbus_path, require=False)
+    except InvalidInput as exc:
+        log.warning("%s: %s; removing what the kernel holds for this vif", event.dev, exc)
+        backend = BackendConfig(None, None)
+    conf: tuple[str, str] | None = None
+    netvm = NetvmParams()
+    hooks_dir = DEFAULT_HOOKS_DIR
+    try:
+        conf = read_conf(env)
+        netvm = load_netvm_params(env, xenstore=xs, conf=conf)
+        hooks_dir = load_local_settings(env, conf).hooks_dir
+    except InvalidInput as exc:
+        log.warning("%s: %s; gateway addresses unknown, the rest is removed", event.dev, exc)
+    return backend, conf, netvm, hooks_dir
+
+
+def _offline_device(nl: Netlink, given: str, vifname: str | None) -> str:
+    """The device to take offline: the vifname, netback's name, or the one renamed from it."""
+    for candidate in (vifname, given):
+        if candidate is not None and nl.index(candidate) is not None:
+            return candidate
+    return nl.find_by_alias(given) or vifname or given
 
 
 def _set_networks(host: KernelHost, dev: str, ipv6: bool) -> tuple[tuple[IPNetwork, ...], frozenset[str]]:

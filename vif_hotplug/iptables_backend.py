@@ -155,6 +155,23 @@ class IptablesFirewall:
         except Exception as exc:
             raise KernelError(f"iptables rejects rule {rule.text!r}: {exc}") from exc
 
+    @staticmethod
+    def _place_hook(chain: Any, rule: Any, hook: Hook) -> bool:
+        """Make ``rule`` appear once, at ``hook.position``; ``True`` if the chain changed.
+
+        A jump that something else pushed down would let the rules above it
+        bypass ours (an ACCEPT above the anti-spoofing jump): it moves back.
+        """
+        rules = chain.rules
+        target = min(hook.position - 1, len(rules))
+        found = [i for i, r in enumerate(rules) if r == rule]
+        if found == [target]:
+            return False
+        for i in reversed(found):
+            chain.delete_rule(rules[i])
+        chain.insert_rule(rule, position=min(target, len(chain.rules)))
+        return True
+
     def sync(self, ruleset: Ruleset) -> bool:
         tables: dict[tuple[Family, str], tuple[list[ChainSpec], list[Hook], list[Policy]]] = {}
         for c in ruleset.chains:
@@ -191,11 +208,7 @@ class IptablesFirewall:
                         chain.append_rule(r)
                     changed = True
             for hook in sorted(hooks, key=lambda h: h.position):
-                chain = iptc.Chain(table, hook.chain)
-                want_rule = self._encode(family, hook.rule)
-                if not any(r == want_rule for r in chain.rules):
-                    chain.insert_rule(want_rule, position=hook.position - 1)
-                    changed = True
+                changed |= self._place_hook(iptc.Chain(table, hook.chain), self._encode(family, hook.rule), hook)
             for pol in policies:
                 chain = iptc.Chain(table, pol.chain)
                 if chain.get_policy().name != pol.target:

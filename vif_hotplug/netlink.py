@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 from ipaddress import ip_interface, ip_network
 from typing import Any
@@ -127,7 +128,25 @@ class Netlink:
         if self._link(r.dev)["flags"] & IFF_UP:
             self._set_link(r, r.dev, state="down")  # the kernel renames only down links
         self._set_link(r, r.dev, ifname=r.new_name)
+        # The alias remembers netback's name: offline finds the device by it
+        # even when XenStore no longer says what it was renamed to, and a
+        # vifname is never taken for some unrelated device of that name.
+        back_to_netback_name = re.fullmatch(r"vif[0-9]+\.[0-9]+", r.new_name) is not None
+        self._set_link(r, r.new_name, ifalias="" if back_to_netback_name else r.dev)
         return LinkRename(r.new_name, r.dev)
+
+    def alias(self, dev: str) -> str | None:
+        idx = self.index(dev)
+        if idx is None:
+            return None
+        return str(self._ipr.get_links(idx)[0].get_attr("IFLA_IFALIAS") or "") or None
+
+    def find_by_alias(self, alias: str) -> str | None:
+        """Name of the device whose alias is ``alias`` (a renamed vif), if any."""
+        for link in self._ipr.get_links():
+            if link.get_attr("IFLA_IFALIAS") == alias:
+                return str(link.get_attr("IFLA_IFNAME"))
+        return None
 
     # --- objects: add/remove return whether they changed anything --------
 

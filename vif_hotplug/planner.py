@@ -71,12 +71,15 @@ def plan_online(
     rename_from: str | None = None,
     hooks_dir: str = DEFAULT_HOOKS_DIR,
     mapped: Mapped | None = None,
+    already_allowed: frozenset[str] = frozenset(),
 ) -> Plan:
     """Everything ``online`` brings up for one vif, in order.
 
     ``dev`` is the final interface name (``vifname`` if set); ``rename_from``
     the name netback gave it when a rename is due; ``mapped`` the (visible
-    address, visible gateway) the VM believes in for its first IPv4 address.
+    address, visible gateway) the VM believes in for its first IPv4 address;
+    ``already_allowed`` the networks this vif's set members hold already:
+    their conntrack entries belong to the running VM and are kept.
     Raises ``InvalidInput`` when the netvm has no IPv4 gateway for a VM with
     IPv4 addresses.
     """
@@ -111,7 +114,7 @@ def plan_online(
     if nat is not None:
         steps.append(Step("add", nat))
     steps.append(Step("set", Sysctl("ipv4", dev, "proxy_arp", "1")))
-    steps += [Step("run", ConntrackPurge(str(n.network_address))) for n in hosts]
+    steps += [Step("run", ConntrackPurge(str(n.network_address))) for n in hosts if str(n) not in already_allowed]
     steps.append(Step("run", AntispoofBase(_families(link))))
     steps.append(Step("set", LinkGroup(dev, VIF_GROUP)))
     steps += [Step("add", SetEntry(ALLOWED[n.version], str(n), dev)) for n in nets]

@@ -103,7 +103,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
         log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
         return 0
 
-    from .hotplug import handle_event
+    from .hotplug import handle_event, run_hooks
     from .system import KernelHost
     from .xenstore_client import XenStore
     from .xenstore_env import report_connected, report_error
@@ -127,6 +127,9 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
                 print("\n".join(outcome.plan.lines()))
             if event.command == "online" and not ns.dry_run:
                 report_connected(xs, event.xenbus_path)
+            # After the status: the toolstack waits on it with a deadline,
+            # and a slow hook must not make the VM's start fail.
+            run_hooks(outcome, host)
             log.info(
                 "%s: %s done, %d change(s)%s", outcome.plan.dev, event.command, len(outcome.changed),
                 " (dry run)" if ns.dry_run else "",

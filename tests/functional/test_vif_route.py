@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -510,3 +511,86 @@ def test_verbose_output_names_the_vif_on_every_line(netvm: Netvm) -> None:
     lines = proc.stderr.splitlines()
     assert lines and all(line.startswith("vif-route-qubes: vif4.0: ") for line in lines), lines
     assert "add route 10.137.0.4/32 dev vif4.0 metric 32748" in proc.stdout
+
+
+# --- repeated and untidy events (review findings) ---------------------------------------
+
+
+def test_online_again_keeps_the_running_vms_connections(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    netvm.hotplug("online", 4)
+    netvm.ns.run("conntrack", "-I", "-s", "10.137.0.4", "-d", "192.0.2.2", "-p", "tcp", "--sport", "4000",
+                 "--dport", "443", "--state", "ESTABLISHED", "--timeout", "300")
+    netvm.hotplug("online", 4)
+    assert "10.137.0.4" in netvm.ns.run("conntrack", "-L", check=False).stdout
+
+
+def test_hooks_run_once_for_a_repeated_online_and_see_the_status_already_reported(netvm: Netvm) -> None:
+    record = netvm.tmp / "hook.log"
+    hook = netvm.tmp / "hooks" / "10-status"
+    reader = shutil.which("xenstore-read") or "/usr/bin/xenstore-read"
+    hook.write_text(f"#!/bin/sh\n{reader} backend/vif/4/0/hotplug-status >> {record}\n")
+    hook.chmod(0o755)
+    netvm.add_vm(4)
+    netvm.hotplug("online", 4)
+    netvm.hotplug("online", 4)
+    assert record.read_text().splitlines() == ["connected"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("ip", "10.137.0.4 bogus"), ("mac", "zz"), ("type", "$(x)")])
+def test_offline_with_a_bad_backend_value_still_removes_this_vifs_state(netvm: Netvm, key: str, value: str) -> None:
+    netvm.add_vm(4)
+    netvm.add_vm(5)
+    netvm.hotplug("online", 4)
+    netvm.hotplug("online", 5)
+    netvm.xs_write(f"{netvm.backend(4)}/{key}", value)
+    netvm.hotplug("offline", 4)
+    assert netvm.set_members("qbs-allowed4") == ["10.137.0.5,vif5.0"]
+    assert "10.137.0.4" not in netvm.ns.run("ip", "route").stdout
+
+
+def test_offline_with_a_broken_netvm_conf_still_removes_this_vifs_state(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    netvm.hotplug("online", 4)
+    netvm.write_conf("[netvm]\ngateway = nonsense\n")
+    netvm.hotplug("offline", 4)
+    assert netvm.set_members("qbs-allowed4") == []
+    assert "10.137.0.4" not in netvm.ns.run("ip", "route").stdout
+
+
+def test_offline_finds_a_renamed_vif_after_its_vifname_key_is_gone(netvm: Netvm) -> None:
+    netvm.add_vm(4, extra={"vifname": "work-vm"})
+    netvm.hotplug("online", 4)
+    netvm.xs_rm(f"{netvm.backend(4)}/vifname")
+    netvm.xs_rm(f"{netvm.backend(4)}/ip")
+    netvm.hotplug("offline", 4)
+    assert netvm.set_members("qbs-allowed4") == []
+    assert "10.137.0.4" not in netvm.ns.run("ip", "route").stdout
+
+
+def test_a_vif_name_in_the_environment_that_is_another_device_is_refused(netvm: Netvm) -> None:
+    netvm.add_uplink()
+    netvm.add_vm(4)
+    before = netvm.dump()
+    proc = netvm.hotplug("online", 4, vif="uplink0", check=False)
+    _assert_rejected(netvm, proc, "uplink0", before)
+
+
+def test_a_vifname_that_another_device_already_has_is_refused(netvm: Netvm) -> None:
+    netvm.add_uplink()
+    netvm.add_vm(4, extra={"vifname": "uplink0"})
+    netvm.ns.run("ip", "link", "del", "vif4.0")
+    before = netvm.dump()
+    proc = netvm.hotplug("online", 4, check=False)
+    _assert_rejected(netvm, proc, "uplink0", before)
+
+
+def test_a_rule_pushed_above_the_antispoofing_jump_is_put_below_it_again(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    netvm.add_vm(5)
+    netvm.hotplug("online", 4)
+    netvm.ns.run("iptables-legacy", "-t", "raw", "-I", "PREROUTING", "1", "-j", "ACCEPT")
+    netvm.hotplug("online", 5)
+    raw = [line for line in netvm.ns.run("iptables-legacy-save", "-t", "raw").stdout.splitlines()
+           if line.startswith("-A PREROUTING")]
+    assert raw == ["-A PREROUTING -j QBS-ANTISPOOF", "-A PREROUTING -j ACCEPT"]

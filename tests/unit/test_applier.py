@@ -142,3 +142,16 @@ def test_removal_continues_past_a_failure_and_reports_it() -> None:
     with pytest.raises(KernelError):
         apply_best_effort(OFFLINE, host)
     assert host.objects == {ROUTE}
+
+
+def test_an_unexpected_library_exception_still_rolls_back_and_becomes_kernel_error() -> None:
+    class Exploding(FakeHost):
+        def add(self, target: Removable) -> bool:
+            if target == ROUTE:
+                raise ValueError("library surprise")
+            return super().add(target)
+
+    host = Exploding()
+    with pytest.raises(KernelError, match="library surprise"):
+        apply_all_or_nothing(ONLINE, host)
+    assert host.objects == set()
