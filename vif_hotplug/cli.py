@@ -47,6 +47,7 @@ def _lab(argv: Sequence[str]) -> int:
 
 def _xenstored(argv: Sequence[str]) -> int:
     import argparse
+    import logging
 
     p = argparse.ArgumentParser(
         prog="vif-hotplug xenstored",
@@ -59,7 +60,11 @@ def _xenstored(argv: Sequence[str]) -> int:
     from .xenstored import serve
 
     configure("vif-hotplug xenstored")
-    serve(ns.socket)
+    try:
+        serve(ns.socket)
+    except OSError as exc:
+        logging.getLogger("vif_hotplug.xenstored").error("cannot serve on %s: %s", ns.socket, exc.strerror or exc)
+        return 1
     return 0
 
 

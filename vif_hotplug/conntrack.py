@@ -21,7 +21,10 @@ def purge_conntrack(address: str) -> int:
 
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     removed = 0
-    ct = Conntrack(nfgen_family=family)
+    try:
+        ct = Conntrack(nfgen_family=family)
+    except Exception as exc:  # NetlinkError, OSError: no conntrack netlink here
+        raise KernelError(f"cannot open conntrack netlink for {address}: {exc}") from exc
     try:
         # Collect first: deleting while pyroute2's dump generator is open
         # closes its event loop under it.

@@ -69,3 +69,11 @@ def tag_lines(tag: str) -> None:
     """Make every line the configured handlers emit start with ``tag:`` (the vif)."""
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Tag(tag))
+
+
+def set_stderr_level(level: int) -> None:
+    """Show records from ``level`` up on stderr (``-v`` decided after :func:`configure`)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stderr:
+            handler.setLevel(level)
+    logging.getLogger().setLevel(min(logging.getLogger().level, level))

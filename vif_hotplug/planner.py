@@ -85,6 +85,10 @@ def plan_online(
     """
     if vm.ipv4 and netvm.gateway is None:
         raise InvalidInput("no netvm gateway configured (netvm.conf, QubesDB or XenStore qubes-netvm-gateway)")
+    ours = {a for a in (netvm.gateway, netvm.gateway6, *netvm.virtual_dns) if a is not None}
+    for net in vm.networks:
+        if any(a in net for a in ours):
+            raise InvalidInput(f"invalid ip {net}: overlaps this netvm's own gateway or DNS addresses")
     metric = route_metric(domid)
     notes: list[str] = []
     nat: NatNamespace | None = None

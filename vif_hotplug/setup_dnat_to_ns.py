@@ -348,7 +348,9 @@ def execute(args: argparse.Namespace, firewall: Firewall | None = None) -> int:
     :data:`EXIT_ERROR`. ``firewall`` defaults to the iptables backend.
     """
     if args.verbose:
-        logging.getLogger("vif_hotplug").setLevel(logging.INFO if args.verbose == 1 else logging.DEBUG)
+        from .hotplug_log import set_stderr_level
+
+        set_stderr_level(logging.INFO if args.verbose == 1 else logging.DEBUG)
     try:
         virtual = _load_virtual_resolvers()
         if args.dry_run:

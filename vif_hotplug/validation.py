@@ -23,6 +23,8 @@ _IFNAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _ADDR_CHARS = re.compile(r"[0-9A-Fa-f.:/]+")
 IFNAMSIZ = 16
+#: Widest network a VM may be given (Xen allows networks in ``ip``).
+MIN_PREFIX = {4: 16, 6: 48}
 
 
 @dataclass(frozen=True, order=True)
@@ -125,8 +127,15 @@ def parse_vm_addresses(text: str) -> tuple[IPNetwork, ...]:
             net = ip_network(word, strict=True)
         except ValueError:
             raise InvalidInput(f"invalid ip {_show(text)}: bad address {_show(word)}") from None
-        if net.network_address.is_unspecified or net.is_multicast or net.is_loopback:
+        if (
+            net.network_address.is_unspecified or net.is_multicast or net.is_loopback or net.is_link_local
+            or net.network_address == IPv4Address("255.255.255.255")
+        ):
             raise InvalidInput(f"invalid ip {_show(text)}: {word} cannot be a VM address")
+        if net.prefixlen < MIN_PREFIX[net.version]:
+            # A VM's network goes into the downstream set, which drops it
+            # when it comes from the uplink: a /1 would cut half the world off.
+            raise InvalidInput(f"invalid ip {_show(text)}: {word} is wider than /{MIN_PREFIX[net.version]}")
         if net not in out:
             out.append(net)
     return tuple(out)

@@ -20,6 +20,7 @@ import selectors
 import signal
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -314,13 +315,23 @@ class XenStoreServer:
         if self._listener is not None:
             return
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Every client is dom0 here: bind in a private directory, restrict the
+        # mode, then rename into place, so the socket is never reachable
+        # with the umask's permissions.
+        private = tempfile.mkdtemp(prefix=".xs-", dir=os.path.dirname(os.path.abspath(self.socket_path)))
+        staging = os.path.join(private, "s")
         try:
-            listener.bind(self.socket_path)
-            os.chmod(self.socket_path, 0o600)
+            listener.bind(staging)
+            os.chmod(staging, 0o600)
+            os.rename(staging, self.socket_path)
             listener.listen(64)
         except BaseException:
             listener.close()
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+            os.rmdir(private)
         listener.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)

@@ -156,3 +156,10 @@ def test_offline_removes_the_nat_namespace_when_one_exists() -> None:
 
     t = targets(plan_offline("vif4.0", 4, V4.networks, NETVM, LinkFacts(exists=True, nat_namespace=True)))
     assert NatNamespace("vif4.0") in t
+
+
+@pytest.mark.parametrize("addr", ["10.137.0.1/32", "10.139.1.1/32", "10.137.0.0/24"])
+def test_a_vm_address_overlapping_the_netvms_own_addresses_is_refused(addr: str) -> None:
+    vm = VmNetwork((ip_network(addr),), "00:16:3e:5e:6c:00")
+    with pytest.raises(InvalidInput, match="own gateway or DNS"):
+        plan_online("vif4.0", 4, vm, NETVM, UP)

@@ -58,7 +58,8 @@ def test_bad_xenbus_paths_are_rejected(path: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["10.137.0.300", "abc", "10.0.0.1 -j ACCEPT", "", "   ", "10.0.0.0/33", "10.0.0.1/24",
-                                  "127.0.0.1", "0.0.0.0", "224.0.0.1", "10.0.0.1;ls", "fe80::1%eth0"])
+                                  "127.0.0.1", "0.0.0.0", "224.0.0.1", "10.0.0.1;ls", "fe80::1%eth0", "fe80::1",
+                                  "169.254.0.7", "255.255.255.255", "128.0.0.0/1", "10.0.0.0/8", "8000::/1"])
 def test_unparsable_vm_addresses_are_rejected(text: str) -> None:
     with pytest.raises(InvalidInput, match="invalid ip"):
         parse_vm_addresses(text)
