@@ -31,8 +31,8 @@ DESCRIPTION = """\
 Configure (online) or deconfigure (offline) the backend interface of one VM
 in a routed Xen driver domain: proxy ARP, conntrack purge, anti-spoofing set
 entries, permanent neighbour entries, /32 and /128 host routes with metric
-32752-domid, the gateway address on the vif, user hooks; then report
-hotplug-status to XenStore. add/remove (used for emulated tap devices) are a
+32752-domid, the gateway address on the vif; then report hotplug-status to
+XenStore and run the user hooks. add/remove (used for emulated tap devices) are a
 successful no-op. A VM whose address is mapped (it sees another address than
 the one routed here) gets a NAT namespace <vif>-nat in between. Idempotent:
 online twice or offline twice changes nothing. Never needs eth0."""
