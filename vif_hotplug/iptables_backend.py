@@ -259,24 +259,6 @@ class FamilyIsolatedFirewall:
         return changed
 
     def _sync_in_child(self, ruleset: Ruleset) -> bool:
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: report "1"/"0" or "E<message>", never return into the caller
-            os.close(read_end)
-            try:
-                reply = b"1" if self._make().sync(ruleset) else b"0"
-            except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
-                reply = b"E" + (str(exc) or type(exc).__name__).encode("utf-8", "replace")
-            try:
-                os.write(write_end, reply)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as f:
-            reply = f.read()
-        _, wait_status = os.waitpid(pid, 0)
-        if reply in (b"0", b"1"):
-            return reply == b"1"
-        if reply.startswith(b"E"):
-            raise KernelError(reply[1:].decode("utf-8", "replace"))
-        raise KernelError(f"firewall child died (wait status {wait_status})")
+        from .forked import call_in_child
+
+        return call_in_child(lambda: self._make().sync(ruleset), what="firewall")

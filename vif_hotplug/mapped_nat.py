@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .errors import DeviceGone, KernelError
 from .firewall import ChainSpec, Hook, Rule, Ruleset
+from .forked import call_in_child
 from .model import NatNamespace
 from .sysctl import swap_sysctl
 
@@ -66,52 +66,16 @@ def netns_exists(name: str) -> bool:
 
 
 def call_in_netns(name: str, fn: Callable[[int], T]) -> T:
-    """Run ``fn(caller_ns_fd)`` in a forked child that entered namespace ``name``.
+    """``fn(caller_ns_fd)`` in a forked child inside namespace ``name``.
 
-    The child gets an fd of the caller's namespace (to move devices back).
-    Its result or error comes back through a pipe; an error becomes
-    :class:`KernelError`. The child never logs and never returns to the caller.
+    The fd of the caller's namespace lets the child move devices back.
+    Raises :class:`KernelError` for anything that fails in the child.
     """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        payload: tuple[str, Any]
-        try:
-            from pyroute2 import netns
-
-            home = os.open("/proc/self/ns/net", os.O_RDONLY)
-            netns.setns(name, flags=0)
-            _forget_iptc_handles()
-            payload = ("ok", fn(home))
-        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-            payload = ("error", f"in namespace {name}: {exc}")
-        try:
-            os.write(write_end, pickle.dumps(payload))
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
-        kind, value = pickle.loads(data)
-    except Exception as exc:
-        raise KernelError(f"child in namespace {name} died") from exc
-    if kind != "ok":
-        raise KernelError(str(value))
-    return value  # type: ignore[no-any-return]
-
-
-def _forget_iptc_handles() -> None:
-    # python-iptables caches one handle per table name for the whole process;
-    # an inherited handle would still talk to the parent's namespace.
-    import sys
-
-    iptc = sys.modules.get("iptc.ip4tc")
-    if iptc is not None:
-        iptc.Table._cache.clear()
-        iptc.Chain._cache.clear()
+        return call_in_child(lambda: fn(home), netns=name, what=f"in namespace {name}")
+    finally:
+        os.close(home)
 
 
 def _configure_inside(n: NatNamespace) -> None:
