@@ -29,6 +29,7 @@ from .errors import DeviceGone, KernelError
 from .firewall import ChainSpec, Hook, Rule, Ruleset
 from .forked import call_in_child
 from .model import NatNamespace
+from .netlink import NUD_PERMANENT
 from .sysctl import swap_sysctl
 
 T = TypeVar("T")
@@ -36,7 +37,6 @@ T = TypeVar("T")
 NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
 RT_SCOPE_LINK = 253
 RT_SCOPE_HOST = 254
-NUD_PERMANENT = 0x80
 NETNS_DIR = "/run/netns"
 
 

@@ -29,7 +29,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
@@ -330,18 +330,17 @@ def watch(
 # --- entry points ----------------------------------------------------------
 
 
-def _load_virtual_resolvers() -> tuple[IPv4Address, ...]:
+def _load_virtual_resolvers(env: Mapping[str, str]) -> tuple[IPv4Address, ...]:
     from .netvm_params import load_netvm_params
     from .xenstore_client import XenStore
 
-    env = os.environ
     params = load_netvm_params(env, connect=lambda: XenStore(env))
     if not params.virtual_dns:
         raise InvalidInput(f"no virtual DNS resolvers configured (primary_dns/secondary_dns, from {params.source})")
     return params.virtual_dns
 
 
-def execute(args: argparse.Namespace, firewall: Firewall | None = None) -> int:
+def execute(args: argparse.Namespace, firewall: Firewall | None = None, env: Mapping[str, str] | None = None) -> int:
     """Do what parsed ``args`` (from :func:`add_arguments`) ask; return the exit code.
 
     Never raises ``HotplugError``: it is logged as one line and gives
@@ -352,7 +351,7 @@ def execute(args: argparse.Namespace, firewall: Firewall | None = None) -> int:
 
         set_stderr_level(logging.INFO if args.verbose == 1 else logging.DEBUG)
     try:
-        virtual = _load_virtual_resolvers()
+        virtual = _load_virtual_resolvers(os.environ if env is None else env)
         if args.dry_run:
             return apply_once(virtual, args.resolv_conf, None, show=True)
         fw = firewall if firewall is not None else _default_firewall()
@@ -364,7 +363,7 @@ def execute(args: argparse.Namespace, firewall: Firewall | None = None) -> int:
         return EXIT_ERROR
 
 
-def run(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+def run(argv: Sequence[str] | None = None, prog: str = PROG, env: Mapping[str, str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and execute; return the exit code.
 
     Never calls ``sys.exit``: ``--help`` returns 0, a usage error is one line
@@ -378,7 +377,7 @@ def run(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         return EXIT_ERROR
     except SystemExit as exc:  # --help and --version print, then "exit"
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    return execute(args)
+    return execute(args, env=env)
 
 
 def main() -> None:
