@@ -46,7 +46,7 @@ from .dns_rules import GUARD_CHAIN
 from .errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from .firewall import ChainSpec, Family, Firewall, Hook, Policy, Rule, Ruleset
 from .model import VIF_GROUP
-from .sysctl import swap_sysctl
+from .sysctl import PROC_SYS, kernel_has_ipv6, swap_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ ND_TYPES = (133, 134, 135, 136)
 ICMP6_ROUTER_ADVERTISEMENT = 134
 ICMP6_REDIRECT = 137
 
-PROC_SYS = "/proc/sys"
 
 
 @dataclass(frozen=True, order=True)
@@ -284,11 +283,6 @@ def plan_base(ipv6: bool, ipv6_in_kernel: bool = True) -> BasePlan:
 
 
 # --- thin shell ----------------------------------------------------------
-
-
-def kernel_has_ipv6(proc_sys: str = PROC_SYS) -> bool:
-    """``ipv6.disable=1`` (or a kernel without IPv6) removes ``net/ipv6`` from /proc/sys."""
-    return os.path.isdir(os.path.join(proc_sys, "net", "ipv6"))
 
 
 def ensure_sysctl(write: SysctlWrite, proc_sys: str = PROC_SYS) -> bool:

@@ -8,12 +8,11 @@ for ``--dry-run`` without touching the system.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
-IPInterface = IPv4Interface | IPv6Interface
 
 #: Highest domid Xen hands out to a guest (DOMID_FIRST_RESERVED - 1) and the
 #: base of the route metric: later domains get lower metrics and so win when

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import DeviceGone, KernelError
 from .model import DeviceAddress, LinkFacts, LinkGroup, LinkRename, LinkState, Neighbour, Route, Sysctl
-from .sysctl import swap_sysctl
+from .sysctl import kernel_has_ipv6, swap_sysctl
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ class Netlink:
 
     def link_facts(self, dev: str) -> LinkFacts:
         exists = self.index(dev) is not None
-        disabled = not os.path.isdir("/proc/sys/net/ipv6")
-        if not disabled:
+        in_kernel = kernel_has_ipv6()
+        disabled = not in_kernel
+        if in_kernel:
             for scope in ("all", dev):
                 try:
                     with open(_sysctl_path("ipv6", scope, "disable_ipv6")) as f:
@@ -77,7 +78,7 @@ class Netlink:
         return LinkFacts(
             exists=exists,
             ipv6_disabled=disabled,
-            ipv6_in_kernel=os.path.isdir("/proc/sys/net/ipv6"),
+            ipv6_in_kernel=in_kernel,
             sysctl_defaults=tuple(defaults),
         )
 

@@ -46,10 +46,6 @@ class XenStore:
         self._timeout = timeout
         self._client: Any = None
 
-    @property
-    def where(self) -> str:
-        return self._path
-
     def __enter__(self) -> XenStore:
         self.connect()
         return self
@@ -160,16 +156,3 @@ class XenStore:
 
     def write(self, path: str, value: str) -> None:
         self._call("write", path, self._client.write, value.encode())
-
-    def remove(self, path: str) -> None:
-        try:
-            self._call("rm", path, self._client.delete)
-        except KeyError:
-            pass
-
-    def list(self, path: str) -> list[str]:
-        try:
-            names = self._call("directory", path, self._client.list)
-        except KeyError:
-            return []
-        return [n.decode() for n in names]

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,8 +251,33 @@ def udp_send(ns: Netns, src: str, dst: str, port: int, payload: str) -> None:
     ns.run(sys.executable, PROBE, "send", src, dst, str(port), payload)
 
 
-def env_without_xenbus() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("XENBUS_PATH", "vif")}
+def received(
+    listen_ns: Netns, listen_addr: str, log: Path, sends: list[tuple[Netns, str, str]], port: int = 5000
+) -> list[str]:
+    """Datagrams ``listen_addr`` got, as "SOURCE PAYLOAD" lines, from ``sends``.
+
+    Each send is (namespace, source address, payload), in order; the listener
+    waits for the last payload, which must arrive (it is the control that
+    proves the path works), so whatever was dropped before it is known gone.
+    """
+    listener = udp_listen(listen_ns, listen_addr, port, log)
+    try:
+        for ns, src, payload in sends:
+            udp_send(ns, src, listen_addr, port, payload)
+        assert wait_for_line(log, sends[-1][2]), f"{sends[-1][2]!r} never arrived at {listen_addr}"
+    finally:
+        listener.kill()
+        listener.wait()
+    return log.read_text().splitlines()
+
+
+def wait_for_line(path: Path, text: str, deadline: float = 10.0) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import NetnsFactory, entry_point
-from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, running_netvm, udp_listen, udp_send
+from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, received, running_netvm, udp_listen, udp_send, wait_for_line
 
 CONF = f"""[netvm]
 gateway = {GATEWAY}
@@ -261,16 +260,9 @@ def test_vm_traffic_with_its_own_source_is_forwarded_and_a_forged_source_is_drop
     vm = netvm.add_vm(4, ["10.137.0.5"])
     netvm.hotplug("online", 4)
     vm.ns.run("ip", "addr", "add", "10.137.0.99/32", "dev", "lo")
-    log = netvm.tmp / "uplink.log"
-    listener = udp_listen(up, f"{UPLINK_NET}.2", 5000, log)
-    try:
-        udp_send(vm.ns, "10.137.0.99", f"{UPLINK_NET}.2", 5000, "forged")
-        udp_send(vm.ns, "10.137.0.5", f"{UPLINK_NET}.2", 5000, "genuine")
-        assert _wait_for_line(log, "genuine")
-    finally:
-        listener.kill()
-        listener.wait()
-    assert log.read_text().splitlines() == ["10.137.0.5 genuine"]
+    got = received(up, f"{UPLINK_NET}.2", netvm.tmp / "uplink.log",
+                   [(vm.ns, "10.137.0.99", "forged"), (vm.ns, "10.137.0.5", "genuine")])
+    assert got == ["10.137.0.5 genuine"]
 
 
 def test_a_vm_address_forged_from_the_uplink_is_dropped(netvm: Netvm) -> None:
@@ -280,25 +272,9 @@ def test_a_vm_address_forged_from_the_uplink_is_dropped(netvm: Netvm) -> None:
     netvm.hotplug("online", 4)
     netvm.hotplug("online", 6)
     up.run("ip", "addr", "add", "10.137.0.5/32", "dev", "lo")
-    log = netvm.tmp / "vm6.log"
-    listener = udp_listen(target.ns, "10.137.0.6", 5000, log)
-    try:
-        udp_send(up, "10.137.0.5", "10.137.0.6", 5000, "forged")
-        udp_send(up, f"{UPLINK_NET}.2", "10.137.0.6", 5000, "genuine")
-        assert _wait_for_line(log, "genuine")
-    finally:
-        listener.kill()
-        listener.wait()
-    assert log.read_text().splitlines() == [f"{UPLINK_NET}.2 genuine"]
-
-
-def _wait_for_line(path: Path, text: str, deadline: float = 10.0) -> bool:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if path.exists() and text in path.read_text():
-            return True
-        time.sleep(0.05)
-    return False
+    got = received(target.ns, "10.137.0.6", netvm.tmp / "vm6.log",
+                   [(up, "10.137.0.5", "forged"), (up, f"{UPLINK_NET}.2", "genuine")])
+    assert got == [f"{UPLINK_NET}.2 genuine"]
 
 
 # --- load ---------------------------------------------------------------------------
@@ -467,18 +443,17 @@ def test_vm_with_a_mapped_address_is_seen_under_its_real_address_both_ways(netvm
     up = netvm.add_uplink()
     vm = netvm.add_vm(4, ["10.137.0.50"], vm_view=("10.138.0.2", "10.138.0.1"))
     netvm.hotplug("online", 4)
-    out_log, back_log = netvm.tmp / "out.log", netvm.tmp / "back.log"
-    at_uplink = udp_listen(up, f"{UPLINK_NET}.2", 5000, out_log)
+    out = received(up, f"{UPLINK_NET}.2", netvm.tmp / "out.log", [(vm.ns, "10.138.0.2", "out")])
+    # Sent to the real address; the VM listens on the one it believes in.
+    back_log = netvm.tmp / "back.log"
     at_vm = udp_listen(vm.ns, "10.138.0.2", 5001, back_log)
     try:
-        udp_send(vm.ns, "10.138.0.2", f"{UPLINK_NET}.2", 5000, "out")
         udp_send(up, f"{UPLINK_NET}.2", "10.137.0.50", 5001, "back")
-        assert _wait_for_line(out_log, "out") and _wait_for_line(back_log, "back")
+        assert wait_for_line(back_log, "back")
     finally:
-        for p in (at_uplink, at_vm):
-            p.kill()
-            p.wait()
-    assert out_log.read_text().splitlines() == ["10.137.0.50 out"]
+        at_vm.kill()
+        at_vm.wait()
+    assert out == ["10.137.0.50 out"]
     assert back_log.read_text().splitlines() == [f"{UPLINK_NET}.2 back"]
     assert "vif4.0-nat" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 

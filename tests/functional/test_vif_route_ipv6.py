@@ -7,8 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from .conftest import NetnsFactory
-from .hotplug_env import GATEWAY, GATEWAY6, UPLINK6_NET, Netvm, running_netvm, udp_listen, udp_send
-from .test_vif_route import _wait_for_line
+from .hotplug_env import GATEWAY, GATEWAY6, UPLINK6_NET, Netvm, received, running_netvm
 
 CONF6 = f"""[netvm]
 gateway = {GATEWAY}
@@ -112,16 +111,9 @@ def test_vm_ipv6_with_own_source_is_forwarded_and_forged_source_dropped(netvm6: 
     vm = netvm6.add_vm(4, ["10.137.0.5", VM6])
     netvm6.hotplug("online", 4)
     vm.ns.run("ip", "addr", "add", "fd09:24ef:4179::bad/128", "dev", "lo")
-    log = netvm6.tmp / "uplink6.log"
-    listener = udp_listen(up, f"{UPLINK6_NET}::2", 5000, log)
-    try:
-        udp_send(vm.ns, "fd09:24ef:4179::bad", f"{UPLINK6_NET}::2", 5000, "forged")
-        udp_send(vm.ns, VM6, f"{UPLINK6_NET}::2", 5000, "genuine")
-        assert _wait_for_line(log, "genuine")
-    finally:
-        listener.kill()
-        listener.wait()
-    assert log.read_text().splitlines() == [f"{VM6} genuine"]
+    got = received(up, f"{UPLINK6_NET}::2", netvm6.tmp / "uplink6.log",
+                   [(vm.ns, "fd09:24ef:4179::bad", "forged"), (vm.ns, VM6, "genuine")])
+    assert got == [f"{VM6} genuine"]
 
 
 def test_ipv4_only_vif_passes_no_ipv6_at_all(netvm6: Netvm) -> None:
@@ -133,17 +125,9 @@ def test_ipv4_only_vif_passes_no_ipv6_at_all(netvm6: Netvm) -> None:
     vm.ns.run("ip", "-6", "neigh", "replace", GATEWAY6, "lladdr", "fe:ff:ff:ff:ff:ff", "dev", "vmnic0", "nud",
               "permanent")
     vm.ns.run("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "vmnic0", "onlink")
-    log = netvm6.tmp / "uplink6.log"
-    listener = udp_listen(up, f"{UPLINK6_NET}::2", 5000, log)
-    try:
-        udp_send(vm.ns, "fd09:24ef:4179::a89:77", f"{UPLINK6_NET}::2", 5000, "sneaky")
-        udp_send(vm.ns, "10.137.0.5", "192.0.2.2", 5001, "ipv4")  # unrelated, proves the path works
-        udp_send(up, f"{UPLINK6_NET}::2", f"{UPLINK6_NET}::2", 5000, "marker")
-        assert _wait_for_line(log, "marker")
-    finally:
-        listener.kill()
-        listener.wait()
-    assert "sneaky" not in log.read_text()
+    got = received(up, f"{UPLINK6_NET}::2", netvm6.tmp / "uplink6.log",
+                   [(vm.ns, "fd09:24ef:4179::a89:77", "sneaky"), (up, f"{UPLINK6_NET}::2", "marker")])
+    assert "sneaky" not in "\n".join(got)
 
 
 def test_a_vm_ipv6_address_forged_from_the_uplink_is_dropped(netvm6: Netvm) -> None:
@@ -153,16 +137,9 @@ def test_a_vm_ipv6_address_forged_from_the_uplink_is_dropped(netvm6: Netvm) -> N
     netvm6.hotplug("online", 4)
     netvm6.hotplug("online", 6)
     up.run("ip", "addr", "add", f"{VM6}/128", "dev", "lo")
-    log = netvm6.tmp / "vm6.log"
-    listener = udp_listen(target.ns, "fd09:24ef:4179::a89:6", 5000, log)
-    try:
-        udp_send(up, VM6, "fd09:24ef:4179::a89:6", 5000, "forged")
-        udp_send(up, f"{UPLINK6_NET}::2", "fd09:24ef:4179::a89:6", 5000, "genuine")
-        assert _wait_for_line(log, "genuine")
-    finally:
-        listener.kill()
-        listener.wait()
-    assert log.read_text().splitlines() == [f"{UPLINK6_NET}::2 genuine"]
+    got = received(target.ns, "fd09:24ef:4179::a89:6", netvm6.tmp / "vm6.log",
+                   [(up, VM6, "forged"), (up, f"{UPLINK6_NET}::2", "genuine")])
+    assert got == [f"{UPLINK6_NET}::2 genuine"]
 
 
 def test_every_address_is_routed_and_allowed_not_only_the_first_of_each_family(netvm6: Netvm) -> None:
