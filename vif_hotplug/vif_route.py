@@ -1,22 +1,22 @@
 """``vif-route-qubes``: routed hotplug of one VM interface (entry point).
 
-Parses argv and env, wires XenStore and the kernel host, maps errors to
-exit codes and to ``hotplug-status``. The work itself is in
-:mod:`vif_hotplug.hotplug`.
+The resident agent does the work when it runs (:mod:`vif_hotplug.agent`);
+otherwise this process does it. Either way :func:`run` parses argv and the
+environment, wires XenStore and the kernel, and calls
+:func:`vif_hotplug.app.hotplug.handle_event`, which owns the event.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .errors import HotplugError, InvalidInput, XenStoreUnavailable
-from .xenstore_env import parse_invocation
+if TYPE_CHECKING:
+    from .app.log_setup import LogControl
+    from .app.runtime import Runtime
 
-log = logging.getLogger(__name__)
+PROG = "vif-route-qubes"
 
 USAGE = """\
 %(prog)s [-v] [--dry-run] COMMAND [VIF] [KEY=VALUE ...]
@@ -30,25 +30,30 @@ by hand:
 DESCRIPTION = """\
 Configure (online) or deconfigure (offline) the backend interface of one VM
 in a routed Xen driver domain: proxy ARP, conntrack purge, anti-spoofing set
-entries, permanent neighbour entries, /32 and /128 host routes with metric
+elements, permanent neighbour entries, /32 and /128 host routes with metric
 32752-domid, the gateway address on the vif; then report hotplug-status to
-XenStore and run the user hooks. add/remove (used for emulated tap devices) are a
-successful no-op. A VM whose address is mapped (it sees another address than
-the one routed here) gets a NAT namespace <vif>-nat in between. Idempotent:
-online twice or offline twice changes nothing. Never needs eth0."""
+XenStore and run the user hooks. add/remove (used for emulated tap devices)
+are a successful no-op. A VM without addresses (empty ip) gets its vif up
+and passes nothing. A VM whose address is mapped (it sees another address
+than the one routed here) gets a NAT namespace <vif>-nat in between.
+Idempotent: online twice or offline twice changes nothing. Never needs eth0.
+The resident agent (vif-hotplug agent) does the work when it runs."""
 
 EPILOG = """\
 environment: XENBUS_PATH, vif (toolstack form); XENSTORED_PATH (XenStore
 socket; default /var/run/xenstored/socket, else /dev/xen/xenbus);
 VIF_HOTPLUG_CONF (netvm.conf, default /etc/vif-hotplug/netvm.conf);
 VIF_HOTPLUG_HOOKS_DIR (default /rw/config/network-hooks.d);
-VIF_HOTPLUG_LOCK (default /run/vif-hotplug.lock); XTABLES_LOCKFILE.
+VIF_HOTPLUG_LOCK (default /run/vif-hotplug.lock); VIF_HOTPLUG_STATE_DIR;
+VIF_HOTPLUG_AGENT_SOCKET; XTABLES_LOCKFILE.
 exit status: 0 success (or nothing to do), 1 error (one line on stderr;
 hotplug-status=error and hotplug-error written when XenStore is reachable),
 2 usage error."""
 
 
-def build_parser(prog: str = "vif-route-qubes") -> argparse.ArgumentParser:
+def _parser(prog: str) -> object:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog=prog, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,10 +65,80 @@ def build_parser(prog: str = "vif-route-qubes") -> argparse.ArgumentParser:
     return p
 
 
-def _report_invalid(env: Mapping[str, str], message: str) -> None:
+def run(
+    argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl,
+    out: Callable[[str], None], prog: str = PROG, in_agent: bool = False,
+) -> tuple[int, Callable[[], None] | None]:
+    """The whole command: (exit status, the hooks to run once the caller has answered, if any).
+
+    Never calls ``sys.exit``; argparse's exits become return codes.
+    """
+    import logging
+
+    from .app.faults import fault_hook
+    from .app.hotplug import handle_event
+    from .app.runtime import plan_text
+    from .app.settings import settings_from_env
+    from .core.errors import HotplugError, InvalidInput
+    from .kernel.locks import file_lock
+    from .xenstore_env import parse_invocation
+
+    log = logging.getLogger("vif_hotplug.vif_route")
+    parser = _parser(prog)
+    try:
+        # Intermixed: the toolstack puts key=value words after the command,
+        # a person may put options anywhere.
+        ns = parser.parse_intermixed_args(list(argv))  # type: ignore[attr-defined]
+    except SystemExit as exc:  # argparse "exits" after --help (0) and on usage errors (2)
+        return (exc.code if isinstance(exc.code, int) else 2), None
+    if ns.verbose:
+        logs.verbose(logging.DEBUG)
+    try:
+        settings = settings_from_env(env)
+        event = parse_invocation([ns.command, *ns.args], env)
+    except InvalidInput as exc:
+        log.error("%s: %s", env.get("vif") or "-", exc)
+        if not ns.dry_run:
+            _report_invalid(env, runtime, str(exc))
+        return 1, None
+    logs.tag(event.dev)
+    host = runtime.host(settings) if event.command in ("online", "offline") and event.type_if == "vif" else None
+    if host is None:
+        log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
+        return 0, None
+    xs = runtime.xenstore(settings)
+    try:
+        outcome = handle_event(
+            event, settings, host, xs, runtime.qubesdb(settings),
+            lambda: file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock"),
+            dry_run=ns.dry_run, on_step=fault_hook(settings.fault, event.command, in_agent),
+        )
+    finally:
+        xs.close()
+    if outcome.plan is not None and (ns.verbose or ns.dry_run):
+        out("\n".join(plan_text(outcome.plan, host)))
+    hooks = outcome.hooks
+    if hooks is None or ns.dry_run:
+        return outcome.exit_code, None
+
+    def run_hooks() -> None:
+        from .app.hooks import run_hooks as run_them
+
+        try:
+            run_them(hooks)
+        except HotplugError as exc:  # never raised by run_them; hooks must not fail an event
+            log.warning("%s: hooks: %s", hooks.dev, exc)
+
+    return outcome.exit_code, run_hooks
+
+
+def _report_invalid(env: Mapping[str, str], runtime: Runtime, message: str) -> None:
     """Tell the toolstack about bad input when we know where (a valid XENBUS_PATH)."""
-    from .validation import parse_xenbus_path
-    from .xenstore_client import XenStore
+    import logging
+
+    from .app.settings import Settings
+    from .core.errors import HotplugError, InvalidInput
+    from .core.validation import parse_xenbus_path
     from .xenstore_env import report_error
 
     try:
@@ -71,79 +146,39 @@ def _report_invalid(env: Mapping[str, str], message: str) -> None:
     except InvalidInput:
         return
     try:
-        with XenStore(env) as xs:
+        with runtime.xenstore(Settings(xenstore_path=env.get("XENSTORED_PATH") or None)) as xs:
             report_error(xs, path, message)
     except HotplugError as exc:
-        log.debug("cannot report to XenStore: %s", exc)
+        logging.getLogger("vif_hotplug.vif_route").debug("cannot report to XenStore: %s", exc)
 
 
-def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None, prog: str = "vif-route-qubes") -> int:
-    """The whole command; returns the exit status (never calls ``sys.exit``)."""
-    from .hotplug_log import configure
+def run_here(argv: Sequence[str], env: Mapping[str, str], prog: str = PROG) -> int:
+    """The command in this process: logs to stderr and the system log, hooks after the status."""
+    from .app.log_setup import ProcessLogs
+    from .app.runtime import Runtime
 
-    env = dict(os.environ if env is None else env)
-    # Intermixed: the toolstack puts key=value words after the command, a
-    # person may put options anywhere.
+    logs = ProcessLogs(prog)
+    runtime = Runtime()
     try:
-        ns = build_parser(prog).parse_intermixed_args(argv)
-    except SystemExit as exc:  # argparse "exits" after --help (0) and on usage errors (2)
-        return exc.code if isinstance(exc.code, int) else 2
-    configure(prog, ns.verbose)
-    try:
-        event = parse_invocation([ns.command, *ns.args], env)
-    except InvalidInput as exc:
-        log.error("%s: %s", env.get("vif") or "-", exc)
-        if not ns.dry_run:
-            _report_invalid(env, str(exc))
-        return 1
-    from .hotplug_log import tag_lines
-
-    tag_lines(event.dev)
-    if event.command in ("add", "remove") or event.type_if != "vif":
-        log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
-        return 0
-
-    from .hotplug import handle_event, run_hooks
-    from .system import KernelHost
-    from .xenstore_client import XenStore
-    from .xenstore_env import report_connected, report_error
-
-    host = KernelHost()
-    try:
-        with XenStore(env) as xs:
-            try:
-                outcome = handle_event(event, xs, env, host, dry_run=ns.dry_run)
-            except XenStoreUnavailable:
-                raise
-            except Exception as exc:
-                if not isinstance(exc, HotplugError):
-                    log.debug("%s: unexpected failure", event.dev, exc_info=True)
-                    exc = HotplugError(f"internal error: {type(exc).__name__}: {exc}")
-                log.error("%s: %s failed: %s", event.dev, event.command, exc)
-                if not ns.dry_run:
-                    report_error(xs, event.xenbus_path, str(exc))
-                return 1
-            if ns.verbose or ns.dry_run:
-                print("\n".join(outcome.plan.lines()))
-            if event.command == "online" and not ns.dry_run:
-                report_connected(xs, event.xenbus_path)
-            # After the status: the toolstack waits on it with a deadline,
-            # and a slow hook must not make the VM's start fail.
-            run_hooks(outcome, host)
-            log.info(
-                "%s: %s done, %d change(s)%s", outcome.plan.dev, event.command, len(outcome.changed),
-                " (dry run)" if ns.dry_run else "",
-            )
-    except XenStoreUnavailable as exc:
-        log.error("%s: %s", event.dev, exc)
-        return 1
+        code, after = run(argv, env, runtime, logs, print, prog)
     finally:
-        host.close()
-    return 0
+        runtime.close()
+    if after is not None:
+        # After the status: the toolstack waits on it with a deadline, and a
+        # slow hook must not make the VM's start fail.
+        after()
+    return code
 
 
 def main() -> None:
-    sys.exit(run())
+    import os
+
+    from .agent.client import via_agent
+
+    code = via_agent(PROG, sys.argv[1:], os.environ)
+    if code is None:
+        code = run_here(sys.argv[1:], os.environ)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """How the toolstack calls us, and what it left in XenStore for us.
 
-Two invocation forms (see ``../shared/README.md`` §1):
+Two invocation forms (README, "How it is called"):
 
 * toolstack / udev: ``online|offline|add|remove [key=value ...]`` with env
   ``XENBUS_PATH=backend/vif/<domid>/<devid>`` and usually ``vif=<ifname>``;
@@ -13,14 +13,26 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
-from .errors import InvalidInput
-from .model import VmNetwork
-from .validation import VifId, parse_ifname, parse_mac, parse_vif_name, parse_vm_addresses, parse_xenbus_path
+from .core.errors import InvalidInput
+from .core.model import VmNetwork
+from .core.validation import VifId, parse_ifname, parse_mac, parse_vif_name, parse_vm_addresses, parse_xenbus_path
 
-if TYPE_CHECKING:
-    from .xenstore_client import XenStore
+
+class XenStorePort(Protocol):
+    """What hotplug needs of XenStore (``None`` for a missing key)."""
+
+    def read(self, path: str) -> str | None: ...
+
+    def write(self, path: str, value: str) -> None: ...
+
+
+class XenStoreTree(XenStorePort, Protocol):
+    """XenStore as ``reconcile`` and ``status`` see it: every vif's backend directory."""
+
+    def directory(self, path: str) -> list[str]: ...
+
 
 Command = Literal["online", "offline", "add", "remove"]
 COMMANDS: tuple[Command, ...] = ("online", "offline", "add", "remove")
@@ -35,7 +47,6 @@ class HotplugEvent:
     #: Interface name netback (or udev) gave us; the vif may be renamed later.
     dev: str
     options: tuple[tuple[str, str], ...] = ()
-    manual: bool = False
 
     @property
     def xenbus_path(self) -> str:
@@ -68,7 +79,7 @@ def parse_invocation(args: Sequence[str], env: Mapping[str, str]) -> HotplugEven
     cmd: Command = command
     if positional:
         vif = parse_vif_name(positional[0])
-        return HotplugEvent(cmd, vif, vif.name, tuple(options), manual=True)
+        return HotplugEvent(cmd, vif, vif.name, tuple(options))
 
     xenbus_path = env.get("XENBUS_PATH")
     if not xenbus_path:
@@ -82,23 +93,25 @@ def parse_invocation(args: Sequence[str], env: Mapping[str, str]) -> HotplugEven
                 raise InvalidInput(f"invalid vif {dev!r}: does not match XENBUS_PATH {xenbus_path}")
         else:
             parse_ifname(dev, "vif")
-    return HotplugEvent(cmd, vif, dev, tuple(options), manual=False)
+    return HotplugEvent(cmd, vif, dev, tuple(options))
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    """The vif's backend keys, validated. ``vm`` is None when ``ip`` is absent."""
+    """The vif's backend keys, validated. ``vm`` is None when offline found no usable ``ip``."""
 
     vm: VmNetwork | None
     vifname: str | None
 
 
-def read_backend(xs: XenStore, xenbus_path: str, require: bool) -> BackendConfig:
+def read_backend(xs: XenStorePort, xenbus_path: str, require: bool) -> BackendConfig:
     """Read ``ip``, ``mac``, ``type`` and ``vifname`` under ``xenbus_path``.
 
-    With ``require`` (online) ``ip`` and ``mac`` must be present and valid;
-    otherwise (offline) a missing ``ip`` gives ``vm=None``, but a present
-    value must still be valid. Raises ``InvalidInput`` naming the value.
+    With ``require`` (online) ``mac`` must be present and valid; an empty or
+    missing ``ip`` is a VM without addresses, as in Qubes (its vif comes up
+    and passes nothing). Without ``require`` (offline) a missing ``ip`` gives
+    ``vm=None``, but a present value must still be valid. Raises
+    ``InvalidInput`` naming the value.
     """
     ip = xs.read(f"{xenbus_path}/ip")
     mac = xs.read(f"{xenbus_path}/mac")
@@ -108,23 +121,21 @@ def read_backend(xs: XenStore, xenbus_path: str, require: bool) -> BackendConfig
         parse_ifname(vifname, "vifname")
     if not re.fullmatch(r"[a-z0-9_-]{1,16}", vif_type):
         raise InvalidInput(f"invalid type {vif_type[:32]!r} in {xenbus_path}")
-    if ip is None or not ip.strip():
-        if require:
-            raise InvalidInput(f"invalid ip {ip or ''!r}: {xenbus_path}/ip is empty or missing")
+    if not require and (ip is None or not ip.strip()):
         return BackendConfig(None, vifname)
-    networks = parse_vm_addresses(ip)
-    if mac is None or not mac:
+    networks = parse_vm_addresses(ip or "")
+    if not mac:
         if require:
             raise InvalidInput(f"invalid mac '': {xenbus_path}/mac is empty or missing")
-        mac = "00:00:00:00:00:00"
+        return BackendConfig(VmNetwork(networks, "", vif_type), vifname)
     return BackendConfig(VmNetwork(networks, parse_mac(mac), vif_type), vifname)
 
 
-def report_connected(xs: XenStore, xenbus_path: str) -> None:
+def report_connected(xs: XenStorePort, xenbus_path: str) -> None:
     xs.write(f"{xenbus_path}/hotplug-status", "connected")
 
 
-def report_error(xs: XenStore, xenbus_path: str, message: str) -> None:
+def report_error(xs: XenStorePort, xenbus_path: str, message: str) -> None:
     # hotplug-error first: the toolstack wakes on hotplug-status and reads it.
     xs.write(f"{xenbus_path}/hotplug-error", message)
     xs.write(f"{xenbus_path}/hotplug-status", "error")

@@ -1,0 +1,56 @@
+"""Which firewall backend holds this package's state, and moving it to the other one.
+
+A small marker file per network namespace (firewall state is per namespace)
+in the state directory records the backend that was last used and whether
+``init`` installed the base firewall. An event compares it with the
+backend the settings choose (one ``open``, no firewall library loaded);
+only when they differ does it switch: the whole state is installed in the
+new backend first (``init`` and ``reconcile``), then what this package owns
+in the old one is removed, so no VM can spoof in between.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Marker:
+    backend: str
+    init: bool = False
+
+
+def marker_path(settings: Settings) -> str:
+    netns = os.stat("/proc/thread-self/ns/net").st_ino
+    return os.path.join(settings.state_dir, f"backend-{netns}.json")
+
+
+def read_marker(settings: Settings) -> Marker | None:
+    try:
+        with open(marker_path(settings), encoding="utf-8") as f:
+            raw = json.load(f)
+        return Marker(str(raw["backend"]), bool(raw.get("init", False)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_marker(settings: Settings, marker: Marker) -> None:
+    path = marker_path(settings)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"backend": marker.backend, "init": marker.init}, f)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        log.warning("cannot record the firewall backend in %s: %s", path, exc.strerror)
+
+
+def other(name: str) -> str:
+    return "iptables" if name == "nftables" else "nftables"

@@ -1,0 +1,219 @@
+"""One hotplug event as a library call: read, validate, plan, apply, report.
+
+:func:`handle_event` owns the whole event, ``hotplug-status`` included, and
+returns the hooks still to run; the entry point and the resident agent are
+two thin callers of it. No ``sys.exit``, no global state.
+
+Everything read from XenStore is validated before the kernel is touched.
+Online is all-or-nothing, reporting included: when ``connected`` cannot be
+written, what the event changed is undone. Offline removes whatever it can
+and touches only this vif's objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..core.errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
+from ..core.firewall import Family, SetElement
+from ..core.model import Hooks, IPNetwork, NetvmParams, Plan, Step
+from ..core.netvm_params import Connected, Reader, resolve_connected, resolve_harden, resolve_mapped, resolve_params
+from ..core.plan_base import families_of
+from ..core.plan_connected import connected_steps
+from ..core.plan_vif import OfflineInputs, OnlineInputs, plan_offline, plan_online
+from ..core.validation import parse_vm_addresses
+from ..xenstore_env import BackendConfig, HotplugEvent, XenStorePort, read_backend, report_connected, report_error
+from .applier import StepHook, apply_all_or_nothing, apply_best_effort, rollback
+from .ports import HotplugHost, Lock
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an event ended: the exit code the toolstack sees, and what to run next."""
+
+    exit_code: int
+    dev: str
+    plan: Plan | None = None
+    changed: tuple[Step, ...] = ()
+    error: str | None = None
+
+    @property
+    def hooks(self) -> Hooks | None:
+        """The hooks to run now: only when this event changed something (a repeat is quiet)."""
+        if self.exit_code != 0 or not self.changed or self.plan is None:
+            return None
+        return self.plan.hooks
+
+
+def _family(net: IPNetwork) -> Family:
+    return 6 if net.version == 6 else 4
+
+
+def handle_event(
+    event: HotplugEvent,
+    settings: Settings,
+    host: HotplugHost,
+    xs: XenStorePort,
+    qubesdb: Reader | None,
+    lock: Lock,
+    *,
+    dry_run: bool = False,
+    on_step: StepHook | None = None,
+) -> Outcome:
+    """Bring one vif online or take it offline. Idempotent; never raises.
+
+    A failure is one line in ``error``, ``hotplug-error`` and
+    ``hotplug-status = error`` written when XenStore is reachable, exit code 1.
+    """
+    if event.command in ("add", "remove") or event.type_if != "vif":
+        log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
+        return Outcome(0, event.dev)
+    try:
+        if event.command == "online":
+            return _online(event, settings, host, xs, qubesdb, lock, dry_run, on_step)
+        return _offline(event, settings, host, xs, qubesdb, lock, dry_run, on_step)
+    except XenStoreUnavailable as exc:
+        log.error("%s: %s", event.dev, exc)
+        return Outcome(1, event.dev, error=str(exc))
+    except HotplugError as exc:
+        error = str(exc)
+    except Exception as exc:
+        log.debug("%s: unexpected failure", event.dev, exc_info=True)
+        error = f"internal error: {type(exc).__name__}: {exc}"
+    log.error("%s: %s failed: %s", event.dev, event.command, error)
+    if not dry_run:
+        try:
+            report_error(xs, event.xenbus_path, error)
+        except XenStoreUnavailable as exc:
+            log.error("%s: cannot report the failure: %s", event.dev, exc)
+    return Outcome(1, event.dev, error=error)
+
+
+def _check_identity(event: HotplugEvent, backend: BackendConfig, host: HotplugHost) -> None:
+    # Only ever act on this vif: a name from the environment must be
+    # netback's, the configured vifname, or a device renamed from it.
+    if event.dev not in (event.vif.name, backend.vifname) and host.alias(event.dev) != event.vif.name:
+        raise InvalidInput(f"invalid vif {event.dev!r}: neither {event.vif.name} nor its vifname")
+
+
+def _online(
+    event: HotplugEvent, settings: Settings, host: HotplugHost, xs: XenStorePort, qubesdb: Reader | None,
+    lock: Lock, dry_run: bool, on_step: StepHook | None,
+) -> Outcome:
+    backend = read_backend(xs, event.xenbus_path, require=True)
+    vm = backend.vm
+    if vm is None:  # read_backend(require=True) never says so
+        raise InvalidInput(f"{event.xenbus_path}/ip is missing")
+    if settings.conf_error is not None:
+        raise InvalidInput(settings.conf_error)
+    netvm = resolve_params(settings.conf, qubesdb, xs.read)
+    connected = resolve_connected(settings.conf, qubesdb, xs.read)
+    harden = resolve_harden(settings.conf, qubesdb)
+    mapped = resolve_mapped(settings.conf, qubesdb, vm.ipv4[0].network_address) if vm.ipv4 else None
+    with lock():
+        _check_identity(event, backend, host)
+        dev = backend.vifname or event.dev
+        rename_from = None
+        if dev != event.dev:
+            if host.exists(event.dev):
+                rename_from = event.dev
+            elif host.exists(dev) and host.alias(dev) != event.dev:
+                raise InvalidInput(f"invalid vifname {dev!r}: another device already has that name")
+        facts = host.link_facts(rename_from or dev)
+        if not facts.exists:
+            raise KernelError(f"device {dev} does not exist")
+        already = frozenset(
+            str(n) for n in vm.networks if host.element_present(SetElement(_family(n), "allowed", str(n), dev))
+        )
+        hosts = [str(n.network_address) for n in vm.networks if n.prefixlen == n.max_prefixlen]
+        plan = plan_online(OnlineInputs(
+            dev, event.vif.domid, vm, netvm, facts, settings.hooks_dir, rename_from, mapped, already,
+            host.local_addresses(hosts), harden,
+        ))
+        plan = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
+        _log_plan(plan)
+        if dry_run:
+            return Outcome(0, dev, plan)
+        applied = apply_all_or_nothing(plan.steps, host, dev, on_step)
+        try:
+            report_connected(xs, event.xenbus_path)
+        except XenStoreUnavailable:
+            # The toolstack cannot learn that the vif works: it must not work.
+            log.error("%s: cannot report connected: undoing %d change(s)", dev, len(applied.undo))
+            rollback(applied.undo, host, dev)
+            raise
+    log.info("%s: online done, %d change(s)", dev, len(applied.changed))
+    return Outcome(0, dev, plan, applied.changed)
+
+
+def _offline(
+    event: HotplugEvent, settings: Settings, host: HotplugHost, xs: XenStorePort, qubesdb: Reader | None,
+    lock: Lock, dry_run: bool, on_step: StepHook | None,
+) -> Outcome:
+    # Offline must clean up whatever a bad value cannot stop being in the
+    # kernel: this vif's set elements name it, so they are found without it.
+    try:
+        backend = read_backend(xs, event.xenbus_path, require=False)
+    except InvalidInput as exc:
+        log.warning("%s: %s; removing what the kernel holds for this vif", event.dev, exc)
+        backend = BackendConfig(None, None)
+    netvm, harden, connected = NetvmParams(), False, None  # type: NetvmParams, bool, Connected | None
+    try:
+        if settings.conf_error is not None:
+            raise InvalidInput(settings.conf_error)
+        netvm = resolve_params(settings.conf, qubesdb, xs.read)
+        harden = resolve_harden(settings.conf, qubesdb)
+        connected = resolve_connected(settings.conf, qubesdb, xs.read)
+    except InvalidInput as exc:
+        log.warning("%s: %s; gateway addresses unknown, the rest is removed", event.dev, exc)
+    with lock():
+        _check_identity(event, backend, host)
+        dev = _offline_device(host, event.dev, backend.vifname)
+        facts = host.link_facts(dev)
+        if backend.vm is not None:
+            networks = backend.vm.networks
+        else:
+            networks = tuple(
+                net for family in families_of(facts.ipv6_in_kernel) for e in host.elements(family, "allowed")
+                if e.dev == dev for net in parse_vm_addresses(e.network)
+            )
+        vif_type = backend.vm.vif_type if backend.vm is not None else "vif"
+        plan = plan_offline(OfflineInputs(
+            dev, event.vif.domid, networks, netvm, facts, settings.hooks_dir, vif_type, harden,
+        ))
+        plan = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
+        _log_plan(plan)
+        if dry_run:
+            return Outcome(0, dev, plan)
+        changed = apply_best_effort(plan.steps, host, dev, on_step)
+    log.info("%s: offline done, %d change(s)", dev, len(changed))
+    return Outcome(0, dev, plan, tuple(changed))
+
+
+def _offline_device(host: HotplugHost, given: str, vifname: str | None) -> str:
+    """The device to take offline: the vifname, netback's name, or the one renamed from it."""
+    for candidate in (vifname, given):
+        if candidate is not None and host.exists(candidate):
+            return candidate
+    return host.find_by_alias(given) or vifname or given
+
+
+def _with_connected(plan: Plan, connected: Connected | None, host: HotplugHost, ipv6_in_kernel: bool) -> Plan:
+    """``plan`` followed by what brings the connected sets up to date (nothing when no source has them)."""
+    if connected is None:
+        return plan
+    families = families_of(ipv6_in_kernel)
+    present = [e for family in families for e in host.elements(family, "connected")]
+    extra = connected_steps(connected, present, families)
+    return Plan(plan.command, plan.dev, plan.steps + extra, plan.notes, plan.hooks) if extra else plan
+
+
+def _log_plan(plan: Plan) -> None:
+    for note in plan.notes:
+        log.warning("%s: %s", plan.dev, note)
+    for line in plan.lines():
+        log.debug("%s: plan: %s", plan.dev, line)

@@ -1,0 +1,50 @@
+"""What the use cases need from the outside world, as interfaces.
+
+The kernel host (:class:`vif_hotplug.kernel.host.KernelHost`) and XenStore
+(:class:`vif_hotplug.xen.xenstore_client.XenStore`) implement them; unit
+tests use fakes that behave like the kernel.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from ..core.firewall import Family, SetElement, SetName
+from ..core.model import LinkFacts
+from .applier import Host
+
+
+class KernelFacts(Protocol):
+    """Reads planners need. Each is one request, whatever the number of VMs,
+    except :meth:`find_by_alias` and :meth:`elements` (rare paths)."""
+
+    def exists(self, dev: str) -> bool: ...
+
+    def alias(self, dev: str) -> str | None: ...
+
+    def link_facts(self, dev: str) -> LinkFacts: ...
+
+    def find_by_alias(self, alias: str) -> str | None: ...
+
+    def local_addresses(self, addresses: list[str]) -> frozenset[str]: ...
+
+    def element_present(self, element: SetElement) -> bool: ...
+
+    def elements(self, family: Family, set_name: SetName) -> list[SetElement]: ...
+
+
+class HotplugHost(KernelFacts, Host, Protocol):
+    """The kernel as one hotplug event sees it: facts to plan from, handlers to apply with."""
+
+
+class NetvmHost(HotplugHost, Protocol):
+    """The kernel as ``reconcile`` and ``status`` see it: every vif at once."""
+
+    def group_members(self, group: int) -> list[str]:
+        """Names of the links in interface ``group`` (a dump)."""
+        ...
+
+
+class Lock(Protocol):
+    def __call__(self) -> AbstractContextManager[None]: ...

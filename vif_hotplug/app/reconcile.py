@@ -1,0 +1,177 @@
+"""``vif-hotplug reconcile``: make the kernel match XenStore for every vif at once.
+
+* Every vif XenStore lists as online (``backend/vif/D/N/online`` = 1) whose
+  device exists goes through the very ``online`` of a hotplug event
+  (:func:`vif_hotplug.app.hotplug.handle_event`): whatever drifted (a
+  flushed chain, a destroyed set, a deleted route or neighbour, a missing
+  gateway address) is restored, and a driver domain that started after its
+  VMs brings them up.
+* What this package holds for vifs that are gone is removed: ``allowed``
+  elements naming no such vif (with their ``downstream`` elements, unless
+  another vif routes the address), ``downstream`` elements no vif allows,
+  VM interfaces (group 2) XenStore does not list as online (through the
+  ``offline`` of an event), and NAT namespaces of vifs that are gone.
+
+Only objects this package owns are touched. Idempotent: a second run
+changes nothing. The whole firewall of ``init`` is ensured too when
+``init`` ran on this netvm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AbstractContextManager
+import re
+from dataclasses import dataclass, field
+
+from ..core.errors import HotplugError, InvalidInput
+from ..core.firewall import Family, SetElement
+from ..core.model import VIF_GROUP, AddressRelease, Plan, Step
+from ..core.netvm_params import Reader
+from ..core.plan_base import families_of
+from ..core.plan_nat import plan_nat_offline
+from ..core.validation import VifId, parse_vm_addresses, parse_xenbus_path
+from ..kernel.locks import file_lock
+from ..kernel.netns import NETNS_DIR
+from ..xenstore_env import HotplugEvent, XenStoreTree
+from .applier import apply_best_effort
+from .hooks import run_hooks
+from .hotplug import handle_event
+from .ports import NetvmHost
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_NUM = r"(0|[1-9][0-9]{0,4})"
+_VIF_NAME = re.compile(rf"vif{_NUM}\.{_NUM}")
+
+
+@dataclass
+class ReconcileResult:
+    changes: int = 0
+    online: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    plans: list[Plan] = field(default_factory=list)
+
+
+def xenstore_vifs(xs: XenStoreTree) -> list[VifId]:
+    """Every vif with a backend directory in XenStore (``backend/vif/D/N``)."""
+    out: list[VifId] = []
+    for domid in xs.directory("backend/vif"):
+        for devid in xs.directory(f"backend/vif/{domid}"):
+            try:
+                out.append(parse_xenbus_path(f"backend/vif/{domid}/{devid}"))
+            except InvalidInput:
+                log.warning("ignoring backend/vif/%s/%s: not a vif", domid[:16], devid[:16])
+    return sorted(out)
+
+
+def online_vifs(xs: XenStoreTree) -> list[VifId]:
+    """Every vif whose backend XenStore marks online (``backend/vif/D/N/online`` = 1)."""
+    return [vif for vif in xenstore_vifs(xs) if xs.read(f"{vif.xenbus_path}/online") == "1"]
+
+
+def reconcile(
+    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, *, dry_run: bool = False,
+) -> ReconcileResult:
+    """Bring every vif to its desired state and remove what belongs to vifs that are gone."""
+    result = ReconcileResult()
+    def lock() -> AbstractContextManager[None]:
+        return file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock")
+
+    wanted: set[str] = set()
+    for vif in online_vifs(xs):
+        dev = _device(host, xs, vif)
+        if dev is None:
+            continue
+        outcome = handle_event(HotplugEvent("online", vif, vif.name), settings, host, xs, qubesdb, lock,
+                               dry_run=dry_run)
+        wanted.add(outcome.dev)
+        if outcome.exit_code != 0:
+            result.errors.append(f"{outcome.dev}: {outcome.error}")
+            continue
+        result.online.append(outcome.dev)
+        result.changes += len(outcome.changed)
+        if outcome.plan is not None and dry_run:
+            result.plans.append(outcome.plan)
+        if outcome.hooks is not None and not dry_run:
+            run_hooks(outcome.hooks)
+    with lock():
+        steps = _gone_steps(host, wanted)
+    if steps:
+        plan = Plan("reconcile", "reconcile", tuple(steps))
+        result.plans.append(plan)
+        result.removed += [s.lines()[0] for s in steps]
+        if not dry_run:
+            try:
+                result.changes += len(apply_best_effort(steps, host, "reconcile"))
+            except HotplugError as exc:
+                result.errors.append(str(exc))
+    for dev in _stray_vifs(host, wanted):
+        stray = _vif_of(dev)
+        if stray is None:
+            continue
+        outcome = handle_event(HotplugEvent("offline", stray, dev), settings, host, xs, qubesdb, lock,
+                               dry_run=dry_run)
+        result.removed.append(f"{dev}: offline ({len(outcome.changed)} change(s))")
+        result.changes += len(outcome.changed)
+        if outcome.exit_code != 0:
+            result.errors.append(f"{dev}: {outcome.error}")
+    return result
+
+
+def _device(host: NetvmHost, xs: XenStoreTree, vif: VifId) -> str | None:
+    """The vif's device here (its vifname or netback's name), or ``None``."""
+    vifname = xs.read(f"{vif.xenbus_path}/vifname")
+    for candidate in (vifname, vif.name):
+        if candidate and host.exists(candidate):
+            return candidate
+    return None
+
+
+def _vif_of(dev: str) -> VifId | None:
+    m = _VIF_NAME.fullmatch(dev)
+    return VifId(int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _gone_steps(host: NetvmHost, wanted: set[str]) -> list[Step]:
+    """Set elements and NAT namespaces of vifs that are not online."""
+    facts = host.link_facts("lo")
+    steps: list[Step] = []
+    allowed_nets: set[tuple[Family, str]] = set()
+    for family in families_of(facts.ipv6_in_kernel):
+        for e in host.elements(family, "allowed"):
+            if e.dev in wanted:
+                allowed_nets.add((family, e.network))
+                continue
+            steps.append(Step("remove", e))
+            for net in _networks(e.network):
+                steps.append(Step("run", AddressRelease(family, net, e.dev or "")))
+        for e in host.elements(family, "downstream"):
+            if (family, e.network) not in allowed_nets and not any(
+                isinstance(s.target, AddressRelease) and s.target.network == e.network for s in steps
+            ):
+                steps.append(Step("remove", SetElement(family, "downstream", e.network)))
+    try:
+        names = sorted(os.listdir(NETNS_DIR))
+    except OSError:
+        names = []
+    for name in names:
+        dev = name.removesuffix("-nat")
+        if name.endswith("-nat") and dev != name and _vif_of(dev) is not None and dev not in wanted:
+            steps += plan_nat_offline(dev)
+    return steps
+
+
+def _networks(network: str) -> list[str]:
+    try:
+        return [str(n) for n in parse_vm_addresses(network)]
+    except InvalidInput:
+        return []
+
+
+def _stray_vifs(host: NetvmHost, wanted: set[str]) -> list[str]:
+    """VM interfaces (group 2) that no online vif accounts for."""
+    return [name for name in host.group_members(VIF_GROUP) if name not in wanted]

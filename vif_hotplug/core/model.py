@@ -1,0 +1,355 @@
+"""Plain data: hotplug inputs, the kernel objects a plan is made of, and plans.
+
+Everything here is a frozen dataclass that compares and sorts by value, so
+plans can be compared in tests, printed for ``--dry-run`` and checked
+against the kernel by ``status`` without touching anything.
+
+A kernel object names the network namespace it lives in (``netns``; ``None``
+is the caller's own): the NAT namespace of a mapped vif is built from the
+same objects as the netvm itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .firewall import Ruleset, SetElement
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+#: Highest domid Xen hands out to a guest (DOMID_FIRST_RESERVED - 1) and the
+#: base of the route metric: later domains get lower metrics and so win when
+#: a restarted VM briefly owns an address twice.
+MAX_DOMID = 32752
+
+#: Interface group of VM interfaces (Qubes 4.2 uses 2 for vifs, 1 for
+#: uplinks). Firewall rules match on it, so a ``vifname`` rename does not
+#: open a hole the way a ``vif+`` name wildcard would.
+VIF_GROUP = 2
+DEFAULT_GROUP = 0
+
+#: netback's fixed MAC on the backend end of every vif (the VM's gateway MAC).
+NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
+
+
+def route_metric(domid: int) -> int:
+    return MAX_DOMID - domid
+
+
+@dataclass(frozen=True, order=True)
+class VmNetwork:
+    """What XenStore says about the VM behind one vif (already validated).
+
+    ``networks`` is empty for a VM without addresses (``ip`` key empty):
+    its vif comes up with nothing allowed, so every packet from it is dropped.
+    """
+
+    networks: tuple[IPNetwork, ...]
+    mac: str
+    vif_type: str = "vif"
+
+    @property
+    def ipv4(self) -> tuple[IPv4Network, ...]:
+        return tuple(n for n in self.networks if isinstance(n, IPv4Network))
+
+    @property
+    def ipv6(self) -> tuple[IPv6Network, ...]:
+        return tuple(n for n in self.networks if isinstance(n, IPv6Network))
+
+
+@dataclass(frozen=True)
+class NetvmParams:
+    """Addresses this driver domain presents to its VMs."""
+
+    gateway: IPv4Address | None = None
+    gateway6: IPv6Address | None = None
+    primary_dns: IPv4Address | None = None
+    secondary_dns: IPv4Address | None = None
+    #: ``None`` means "on exactly when gateway6 is set".
+    ipv6_override: bool | None = None
+    source: str = "defaults"
+
+    @property
+    def ipv6(self) -> bool:
+        if self.ipv6_override is not None:
+            return self.ipv6_override and self.gateway6 is not None
+        return self.gateway6 is not None
+
+    @property
+    def virtual_dns(self) -> tuple[IPv4Address, ...]:
+        return tuple(dict.fromkeys(a for a in (self.primary_dns, self.secondary_dns) if a is not None))
+
+    @property
+    def own_addresses(self) -> tuple[IPAddress, ...]:
+        return tuple(a for a in (self.gateway, self.gateway6, *self.virtual_dns) if a is not None)
+
+
+#: Per-interface sysctls offline restores to what a new interface gets
+#: (``conf/default``); every key a plan may change on a vif is here.
+RESTORED_SYSCTLS: tuple[str, ...] = (
+    "ipv4/proxy_arp",
+    "ipv6/proxy_ndp",
+    "ipv6/drop_unsolicited_na",
+    "ipv4/accept_source_route",
+    "ipv4/accept_redirects",
+    "ipv4/secure_redirects",
+    "ipv4/send_redirects",
+    "ipv4/drop_unicast_in_l2_multicast",
+    "ipv6/accept_source_route",
+    "ipv6/accept_redirects",
+    "ipv6/accept_ra",
+    "ipv6/accept_dad",
+    "ipv6/autoconf",
+    "ipv6/drop_unicast_in_l2_multicast",
+)
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """What the kernel says about the vif right now; gathered before planning."""
+
+    exists: bool
+    #: IPv6 off on this interface (``disable_ipv6``) or in the whole kernel.
+    ipv6_disabled: bool = False
+    #: The kernel has IPv6 at all (``ipv6.disable=1`` removes it).
+    ipv6_in_kernel: bool = True
+    #: A NAT namespace for this vif exists (it has a mapped address).
+    nat_namespace: bool = False
+    #: ``conf/default`` values of :data:`RESTORED_SYSCTLS`, as ``("ipv4/proxy_arp", "0")``.
+    sysctl_defaults: tuple[tuple[str, str], ...] = (("ipv4/proxy_arp", "0"), ("ipv6/proxy_ndp", "0"))
+
+    def default(self, key: str) -> str:
+        return dict(self.sysctl_defaults).get(key, "0")
+
+
+# --- kernel objects ------------------------------------------------------------
+
+
+def _in(netns: str | None) -> str:
+    return f" (netns {netns})" if netns else ""
+
+
+@dataclass(frozen=True, order=True)
+class Sysctl:
+    """``/proc/sys/<key>``, e.g. ``net/ipv4/conf/vif4.0/proxy_arp``."""
+
+    key: str
+    value: str
+    netns: str | None = None
+
+    def with_value(self, value: str) -> Sysctl:
+        return Sysctl(self.key, value, self.netns)
+
+    @property
+    def dev(self) -> str | None:
+        """The interface of a per-interface key (``None`` for global ones)."""
+        parts = self.key.split("/")
+        if len(parts) == 5 and parts[0] == "net" and parts[2] == "conf" and parts[3] not in ("all", "default"):
+            return parts[3]
+        return None
+
+    def __str__(self) -> str:
+        return f"sysctl {self.key.replace('/', '.')}={self.value}{_in(self.netns)}"
+
+
+def dev_sysctl(key: str, dev: str, value: str, netns: str | None = None) -> Sysctl:
+    """``key`` as in :data:`RESTORED_SYSCTLS` (``ipv4/proxy_arp``) on interface ``dev``."""
+    family, name = key.split("/")
+    return Sysctl(f"net/{family}/conf/{dev}/{name}", value, netns)
+
+
+@dataclass(frozen=True, order=True)
+class LinkRename:
+    dev: str
+    new_name: str
+
+    def __str__(self) -> str:
+        return f"link {self.dev} rename to {self.new_name}"
+
+
+@dataclass(frozen=True, order=True)
+class LinkGroup:
+    dev: str
+    group: int
+    netns: str | None = None
+
+    def __str__(self) -> str:
+        return f"link {self.dev} group {self.group}{_in(self.netns)}"
+
+
+@dataclass(frozen=True, order=True)
+class LinkState:
+    dev: str
+    up: bool
+    netns: str | None = None
+
+    def __str__(self) -> str:
+        return f"link {self.dev} {'up' if self.up else 'down'}{_in(self.netns)}"
+
+
+@dataclass(frozen=True, order=True)
+class Neighbour:
+    """Permanent neighbour entry: pins the VM's MAC (no ARP/NDP poisoning)."""
+
+    dev: str
+    address: str
+    mac: str
+    netns: str | None = None
+
+    def __str__(self) -> str:
+        return f"neighbour {self.address} lladdr {self.mac} dev {self.dev} permanent{_in(self.netns)}"
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    dev: str
+    destination: str
+    metric: int = 0
+    netns: str | None = None
+    gateway: str | None = None
+    #: ``link`` for an on-link route; ``None`` lets the kernel choose.
+    scope: Literal["link"] | None = None
+
+    def __str__(self) -> str:
+        via = f" via {self.gateway}" if self.gateway else ""
+        scope = f" scope {self.scope}" if self.scope else ""
+        metric = f" metric {self.metric}" if self.metric else ""
+        return f"route {self.destination}{via} dev {self.dev}{metric}{scope}{_in(self.netns)}"
+
+
+@dataclass(frozen=True, order=True)
+class DeviceAddress:
+    dev: str
+    address: str  # "10.137.0.1/32"
+    netns: str | None = None
+    #: ``host`` keeps the address off the wire (the NAT namespace's own ends).
+    scope: Literal["host"] | None = None
+
+    def __str__(self) -> str:
+        scope = f" scope {self.scope}" if self.scope else ""
+        return f"address {self.address} dev {self.dev}{scope}{_in(self.netns)}"
+
+
+@dataclass(frozen=True, order=True)
+class Netns:
+    """A named network namespace (``/run/netns/<name>``)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"netns {self.name}"
+
+
+@dataclass(frozen=True, order=True)
+class LinkNetns:
+    """Device ``dev`` of the caller's namespace lives in namespace ``target`` (same name)."""
+
+    dev: str
+    target: str
+
+    def __str__(self) -> str:
+        return f"link {self.dev} moved into netns {self.target}"
+
+
+@dataclass(frozen=True, order=True)
+class Veth:
+    """A veth pair: ``dev`` here, ``peer`` in namespace ``peer_netns``."""
+
+    dev: str
+    mac: str
+    peer: str
+    peer_mac: str
+    peer_netns: str
+
+    def __str__(self) -> str:
+        return f"veth {self.dev} ({self.mac}) peer {self.peer} ({self.peer_mac}) in netns {self.peer_netns}"
+
+
+@dataclass(frozen=True, order=True)
+class ConntrackPurge:
+    """Conntrack entries whose original or reply tuple has ``address`` are deleted."""
+
+    address: str
+
+    def __str__(self) -> str:
+        return f"conntrack entries from or to {self.address} purged"
+
+
+@dataclass(frozen=True, order=True)
+class AddressRelease:
+    """``network`` left ``dev``: its ``downstream`` element and conntrack entries go,
+    unless another VM interface still routes it (a restarted VM already on its
+    new vif keeps both). Decided when applied, after this vif's routes are gone:
+    one route lookup, whatever the number of VMs."""
+
+    family: Literal[4, 6]
+    network: str
+    dev: str
+
+    def __str__(self) -> str:
+        return f"release {self.network} of {self.dev} (downstream element, conntrack) unless another vif routes it"
+
+
+@dataclass(frozen=True, order=True)
+class Hooks:
+    """The administrator's hook scripts for one event (run after the status is reported)."""
+
+    command: str
+    dev: str
+    vif_type: str
+    #: One run per address; empty means one run without an address argument.
+    addresses: tuple[str, ...]
+    directory: str
+
+    def __str__(self) -> str:
+        args = " ".join((self.command, self.dev, self.vif_type, *self.addresses))
+        return f"hooks in {self.directory}: {args}"
+
+
+Op = Literal["add", "remove", "set", "ensure", "run"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One change: ``add``/``remove`` an object, ``set`` a setting, ``ensure`` a
+    firewall ruleset (idempotent, shared, never undone) or ``run`` an action."""
+
+    op: Op
+    target: (
+        Sysctl | LinkGroup | LinkState | LinkRename | Neighbour | Route | DeviceAddress | Netns | LinkNetns | Veth
+        | ConntrackPurge | AddressRelease | SetElement | Ruleset
+    )
+
+    def __str__(self) -> str:
+        """One line: the change, as logs show it."""
+        if self.op == "ensure":
+            return f"{self.target} ruleset in place"
+        return self.lines()[0]
+
+    def lines(self) -> list[str]:
+        if self.op == "ensure":
+            return list(self.target.lines())  # type: ignore[union-attr]
+        if self.op in ("set", "run"):
+            return [str(self.target)]
+        return [f"{self.op} {self.target}"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    command: str
+    dev: str
+    steps: tuple[Step, ...]
+    #: Things deliberately left out (e.g. IPv6 disabled), logged once.
+    notes: tuple[str, ...] = field(default=())
+    #: What runs after the status is reported, when the event changed something.
+    hooks: Hooks | None = None
+
+    def lines(self) -> list[str]:
+        out = [line for s in self.steps for line in s.lines()]
+        if self.hooks is not None:
+            out.append(str(self.hooks))
+        return out + [f"note: {n}" for n in self.notes]

@@ -1,0 +1,155 @@
+"""The real host: kernel adapters behind the applier's dispatch table, and the facts planners need.
+
+Everything opens on first use, so a dry run, or a plan that needs no
+firewall change, loads no firewall library and opens no socket it does not
+need.
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import ip_network
+
+from ..app.applier import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
+from ..core.firewall import Family, Ruleset, SetElement, SetName
+from ..core.model import (
+    RESTORED_SYSCTLS,
+    VIF_GROUP,
+    AddressRelease,
+    ConntrackPurge,
+    DeviceAddress,
+    LinkFacts,
+    LinkGroup,
+    LinkNetns,
+    LinkRename,
+    LinkState,
+    Neighbour,
+    Netns,
+    Route,
+    Sysctl,
+    Veth,
+)
+from ..core.plan_nat import nat_netns
+from .conntrack import purge_conntrack
+from .firewall_backend import FirewallBackend
+from .netlink import Links
+from .netns import Namespaces, RtnlFactory, netns_exists
+from .rtnl import RTN_LOCAL, Link, Rtnl
+from .sysctl import PROC_SYS, Sysctls, kernel_has_ipv6, read_sysctl
+
+log = logging.getLogger(__name__)
+
+
+class KernelHost:
+    """Applies plan steps to the kernel of the caller's network namespace (and named ones)."""
+
+    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS) -> None:
+        self.firewall = firewall
+        self._proc_sys = proc_sys
+        self._rtnl = Rtnl()
+        self._rtnl_in = RtnlFactory()
+        links = Links(self.rtnl)
+        sysctls = Sysctls(proc_sys)
+        ns = Namespaces(self._rtnl, self._rtnl_in)
+        fw = firewall
+        self.handlers: Handlers = {
+            Sysctl: SettingOps(sysctls.set, sysctls.current),
+            LinkGroup: SettingOps(links.set_group, links.group),
+            LinkState: SettingOps(links.set_state, links.state),
+            LinkRename: SettingOps(links.rename, links.renamed),
+            Neighbour: ObjectOps(links.add_neighbour, links.remove_neighbour, links.neighbour_present),
+            Route: ObjectOps(links.add_route, links.remove_route, links.route_present),
+            DeviceAddress: ObjectOps(links.add_address, links.remove_address, links.address_present),
+            Netns: ObjectOps(ns.add_netns, ns.remove_netns, ns.netns_present),
+            LinkNetns: ObjectOps(ns.move_in, ns.move_out, ns.link_moved),
+            Veth: ObjectOps(ns.add_veth, ns.remove_veth, ns.veth_present),
+            SetElement: ObjectOps(fw.add_element, fw.remove_element, fw.element_present),
+            Ruleset: EnsureOps(fw.ensure, fw.drift),
+            ConntrackPurge: ActionOps(lambda p: self._purge(p.address)),
+            AddressRelease: ActionOps(self._release),
+        }
+
+    def rtnl(self, netns: str | None) -> Rtnl:
+        return self._rtnl if netns is None else self._rtnl_in(netns)
+
+    def close(self) -> None:
+        self._rtnl.close()
+        self._rtnl_in.close()
+        self.firewall.close()
+
+    # --- facts ---------------------------------------------------------------------------
+
+    def link(self, dev: str) -> Link | None:
+        return self._rtnl.link(dev)
+
+    def exists(self, dev: str) -> bool:
+        return self._rtnl.link(dev) is not None
+
+    def alias(self, dev: str) -> str | None:
+        link = self._rtnl.link(dev)
+        return None if link is None else link.alias
+
+    def link_facts(self, dev: str) -> LinkFacts:
+        exists = self._rtnl.link(dev) is not None
+        in_kernel = kernel_has_ipv6(self._proc_sys)
+        disabled = not in_kernel
+        if in_kernel:
+            for scope in ("all", dev):
+                disabled = disabled or read_sysctl(f"net/ipv6/conf/{scope}/disable_ipv6", None, self._proc_sys) == "1"
+        defaults = []
+        for key in RESTORED_SYSCTLS:
+            family, name = key.split("/")
+            value = read_sysctl(f"net/{family}/conf/default/{name}", None, self._proc_sys)
+            defaults.append((key, value if value is not None else "0"))
+        return LinkFacts(exists, disabled, in_kernel, netns_exists(nat_netns(dev)), tuple(defaults))
+
+    def group_members(self, group: int) -> list[str]:
+        return sorted(link.name for link in self._rtnl.links() if link.group == group)
+
+    def find_by_alias(self, alias: str) -> str | None:
+        """The device whose alias is ``alias`` (a renamed vif). A dump: rare paths only."""
+        for link in self._rtnl.links():
+            if link.alias == alias:
+                return link.name
+        return None
+
+    def local_addresses(self, addresses: list[str]) -> frozenset[str]:
+        """Those of ``addresses`` that are this host's own (one route lookup each)."""
+        out = set()
+        for addr in addresses:
+            found = self._rtnl.route_lookup(addr, fib_match=False)
+            if found is not None and found.type == RTN_LOCAL:
+                out.add(addr)
+        return frozenset(out)
+
+    def routed_elsewhere(self, network: str, dev: str) -> bool:
+        """Whether another VM interface routes exactly ``network`` (one route lookup)."""
+        net = ip_network(network)
+        found = self._rtnl.route_lookup(str(net.network_address))
+        if found is None or found.oif is None or found.dst_len != net.prefixlen:
+            return False
+        link = self._rtnl.link(index=found.oif)
+        return link is not None and link.name != dev and link.group == VIF_GROUP
+
+    def element_present(self, element: SetElement) -> bool:
+        return self.firewall.element_present(element)
+
+    def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
+        return self.firewall.elements(family, set_name)
+
+    # --- actions -------------------------------------------------------------------------
+
+    def _purge(self, address: str) -> None:
+        removed = purge_conntrack(address)
+        if removed:
+            log.debug("%d conntrack entries of %s purged", removed, address)
+
+    def _release(self, r: AddressRelease) -> None:
+        if self.routed_elsewhere(r.network, r.dev):
+            log.info("%s: %s is routed to another vif: its downstream element and connections stay", r.dev, r.network)
+            return
+        if self.firewall.remove_element(SetElement(r.family, "downstream", r.network)):
+            log.info("%s: remove %s", r.dev, SetElement(r.family, "downstream", r.network))
+        net = ip_network(r.network)
+        if net.prefixlen == net.max_prefixlen:
+            self._purge(str(net.network_address))

@@ -1,0 +1,490 @@
+"""Firewall backend on nftables, through libnftables' JSON API (the ``nftables`` module).
+
+Layout: the logical names are the real ones (tables ``ip qubes`` and
+``ip6 qubes``, chains ``prerouting``, ``antispoof``, ...), as in current
+Qubes. Facts this module is built around:
+
+* Every change is one ``json_cmd`` call: libnftables sends it as one batch,
+  which the kernel commits atomically or not at all.
+* A set with ``flags interval`` makes libnftables fetch all its elements
+  before every element change (measured: 0.25 ms per change with none,
+  6.3 ms with 1000). The sets of Qubes' layout are plain hash sets, which
+  cannot hold prefixes; a VM given a whole network (as Xen allows) gets its
+  element in a companion ``<set>-nets`` interval set, which stays empty
+  otherwise, and every lookup rule is doubled for it.
+* Rules read back with ``-j list`` come out as they went in, except that a
+  counter carries its numbers and ``reject with tcp reset`` needs no
+  protocol match (nft adds it): rules are rendered in that same form, so
+  comparing the two lists of expressions tells what differs.
+* Listings are terse (no set elements), so ensuring the chains costs the
+  same with 1000 VMs as with none.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from ipaddress import ip_network
+from typing import Any, Literal
+
+from ..core.errors import KernelError
+from ..core.firewall import (
+    NETWORK_SETS,
+    SET_NAMES,
+    Accept,
+    Addr,
+    Chain,
+    CtState,
+    Dnat,
+    DPort,
+    Drop,
+    Family,
+    Goto,
+    IcmpType,
+    IfGroup,
+    IfName,
+    InSet,
+    Jump,
+    Masquerade,
+    Predicate,
+    Proto,
+    Reject,
+    Rule,
+    Ruleset,
+    SetElement,
+    SetName,
+    Snat,
+    Table,
+    Verdict,
+)
+from ..core.plan_base import TABLE
+from .locks import file_lock
+
+log = logging.getLogger(__name__)
+
+Json = dict[str, Any]
+NETS_SUFFIX = "-nets"
+#: Chains this package may ever create in ``qubes`` (besides the reserved ones).
+OWNED_CHAINS = ("prerouting", "antispoof", "downstream-out", "postrouting", "input", "forward", "_icmpv6",
+                "dnat-dns", "dns-guard")
+RESERVED_CHAINS = ("custom-input", "custom-forward")
+#: Logical chains current Qubes' layout has no place for (Qubes 4.0's reserved
+#: nat chain lives on in the iptables layout only).
+NOT_IN_LAYOUT = frozenset({"services"})
+
+#: nft lists ICMP types by these names (nftables' src/proto.c); rules use them too.
+ICMP_NAMES: dict[int, str] = {0: "echo-reply", 3: "destination-unreachable", 8: "echo-request", 11: "time-exceeded"}
+ICMP6_NAMES: dict[int, str] = {
+    1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded", 128: "echo-request", 129: "echo-reply",
+    133: "nd-router-solicit", 134: "nd-router-advert", 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert",
+    137: "nd-redirect",
+}
+
+_REJECT: dict[str, Json] = {
+    "icmp-host-prohibited": {"type": "icmp", "expr": "host-prohibited"},
+    "icmp-port-unreachable": {"type": "icmp", "expr": "port-unreachable"},
+    "icmp6-adm-prohibited": {"type": "icmpv6", "expr": "admin-prohibited"},
+    "tcp-reset": {"type": "tcp reset"},
+}
+
+
+def _fam(family: Family) -> str:
+    return "ip6" if family == 6 else "ip"
+
+
+def _match(left: Json, right: Any, negate: bool = False, op: str = "==") -> Json:
+    return {"match": {"op": "!=" if negate else op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _payload(proto: str, field: str) -> Json:
+    return {"payload": {"protocol": proto, "field": field}}
+
+
+def _address(network: str) -> Any:
+    net = ip_network(network)
+    if net.prefixlen == net.max_prefixlen:
+        return str(net.network_address)
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+def _is_host(network: str) -> bool:
+    net = ip_network(network)
+    return net.prefixlen == net.max_prefixlen
+
+
+def _predicate(p: Predicate, family: Family, set_name: str | None) -> Json | None:
+    if isinstance(p, IfName):
+        key = ("i" if p.direction == "in" else "o") + ("if" if p.by_index else "ifname")
+        return _match(_meta(key), p.name, p.negate)
+    if isinstance(p, IfGroup):
+        return _match(_meta("iifgroup" if p.direction == "in" else "oifgroup"), p.group, p.negate)
+    if isinstance(p, Addr):
+        return _match(_payload(_fam(family), "saddr" if p.direction == "src" else "daddr"), _address(p.network),
+                      p.negate)
+    if isinstance(p, InSet):
+        addr = _payload(_fam(family), "saddr" if p.direction == "src" else "daddr")
+        left = {"concat": [_meta("iifname"), addr]} if p.with_interface else addr
+        return _match(left, f"@{set_name}")
+    if isinstance(p, Proto):
+        return _match(_meta("l4proto"), "ipv6-icmp" if p.proto == "icmpv6" else p.proto, p.negate)
+    if isinstance(p, DPort):
+        return _match(_payload(p.proto, "dport"), p.port)
+    if isinstance(p, IcmpType):
+        names = ICMP6_NAMES if family == 6 else ICMP_NAMES
+        shown = [names.get(t, t) for t in p.types]
+        right: Any = shown[0] if len(shown) == 1 else {"set": shown}
+        return _match(_payload("icmpv6" if family == 6 else "icmp", "type"), right)
+    if isinstance(p, CtState):
+        return _match({"ct": {"key": "state"}}, p.states[0] if len(p.states) == 1 else list(p.states), op="in")
+    raise TypeError(p)
+
+
+def _verdict(v: Verdict) -> Json:
+    if isinstance(v, Accept):
+        return {"accept": None}
+    if isinstance(v, Drop):
+        return {"drop": None}
+    if isinstance(v, Reject):
+        return {"reject": dict(_REJECT[v.kind])}
+    if isinstance(v, Jump):
+        return {"jump": {"target": v.chain}}
+    if isinstance(v, Goto):
+        return {"goto": {"target": v.chain}}
+    if isinstance(v, Dnat):
+        return {"dnat": {"addr": v.to}}
+    if isinstance(v, Snat):
+        return {"snat": {"addr": v.to}}
+    if isinstance(v, Masquerade):
+        return {"masquerade": None}
+    raise TypeError(v)
+
+
+def render_rule(r: Rule, family: Family) -> list[list[Json]]:
+    """The expression lists of one rule: one per physical set when it looks a set up."""
+    lookups = [p for p in r.match if isinstance(p, InSet)]
+    variants: list[str | None] = [None]
+    if lookups:
+        name = lookups[0].set
+        variants = [name, name + NETS_SUFFIX] if name in NETWORK_SETS else [name]
+    out = []
+    for set_name in variants:
+        expr: list[Json] = []
+        for p in r.match:
+            # "reject with tcp reset" implies the protocol: nft adds it itself
+            # and lists the rule without it.
+            if isinstance(p, Proto) and p.proto == "tcp" and not p.negate and r.verdict == Reject("tcp-reset"):
+                continue
+            rendered = _predicate(p, family, set_name)
+            if rendered is not None:
+                expr.append(rendered)
+        if r.counter:
+            expr.append({"counter": None})
+        if r.verdict is not None:
+            expr.append(_verdict(r.verdict))
+        out.append(expr)
+    return out
+
+
+def _normalise(expr: list[Json]) -> list[Json]:
+    return [{"counter": None} if "counter" in e else e for e in expr]
+
+
+def _chain_spec(family: Family, table: str, chain: Chain) -> Json:
+    spec: Json = {"family": _fam(family), "table": table, "name": chain.name}
+    if chain.hook is not None:
+        spec.update(type=chain.hook.type, hook=chain.hook.hook, prio=chain.hook.priority, policy=chain.hook.policy)
+    return spec
+
+
+def _set_specs(family: Family, table: str, name: SetName) -> list[Json]:
+    addr = "ipv6_addr" if family == 6 else "ipv4_addr"
+    key: Any = ["ifname", addr] if name == "allowed" else addr
+    base = {"family": _fam(family), "table": table, "type": key}
+    if name not in NETWORK_SETS:
+        return [dict(base, name=name)]
+    return [dict(base, name=name), dict(base, name=name + NETS_SUFFIX, flags=["interval"])]
+
+
+def _element_value(e: SetElement) -> Any:
+    addr = _address(e.network)
+    return {"concat": [e.dev, addr]} if e.dev is not None else addr
+
+
+class _Current:
+    """What one table holds now: chains (spec, rule expressions) and set names."""
+
+    def __init__(self, items: Iterable[Json]) -> None:
+        self.exists = False
+        self.chains: dict[str, Json] = {}
+        self.rules: dict[str, list[list[Json]]] = {}
+        self.sets: set[str] = set()
+        for item in items:
+            if "table" in item:
+                self.exists = True
+            elif "chain" in item:
+                self.chains[item["chain"]["name"]] = item["chain"]
+                self.rules.setdefault(item["chain"]["name"], [])
+            elif "rule" in item:
+                self.rules.setdefault(item["rule"]["chain"], []).append(_normalise(item["rule"]["expr"]))
+            elif "set" in item:
+                self.sets.add(item["set"]["name"])
+
+
+def _same_hook(have: Json, chain: Chain) -> bool:
+    if chain.hook is None:
+        return "hook" not in have
+    h = chain.hook
+    return (have.get("type"), have.get("hook"), have.get("prio")) == (h.type, h.hook, h.priority)
+
+
+class NftablesBackend:
+    """:class:`~vif_hotplug.kernel.firewall_backend.FirewallBackend` on libnftables."""
+
+    name: Literal["nftables"] = "nftables"
+
+    def __init__(self, lock_path: str, lock_timeout: float) -> None:
+        self._lock_path = lock_path
+        self._lock_timeout = lock_timeout
+        self._nft: Any = None
+
+    def _ctx(self) -> Any:
+        if self._nft is None:
+            try:
+                import nftables  # type: ignore[import-untyped]
+            except ImportError as exc:
+                raise KernelError(f"cannot load the nftables Python module (python3-nftables): {exc}") from exc
+            try:
+                nft = nftables.Nftables()
+            except OSError as exc:
+                raise KernelError(f"cannot load libnftables: {exc}") from exc
+            nft.set_json_output(True)
+            nft.set_handle_output(False)
+            self._nft = nft
+        return self._nft
+
+    def close(self) -> None:
+        self._nft = None
+
+    def _run(self, commands: list[Json], what: str) -> Any:
+        rc, out, err = self._ctx().json_cmd({"nftables": commands})
+        if rc != 0:
+            raise KernelError(f"nftables {what}: {_first_error(err)}")
+        return out
+
+    def _try(self, commands: list[Json]) -> tuple[int, Any, str]:
+        rc, out, err = self._ctx().json_cmd({"nftables": commands})
+        return rc, out, err or ""
+
+    def _list_table(self, family: Family, table: str) -> _Current:
+        nft = self._ctx()
+        nft.set_terse_output(True)
+        try:
+            rc, out, err = self._try([{"list": {"table": {"family": _fam(family), "name": table}}}])
+        finally:
+            nft.set_terse_output(False)
+        if rc != 0:
+            if _missing(err):
+                return _Current(())
+            raise KernelError(f"nftables list table {_fam(family)} {table}: {_first_error(err)}")
+        return _Current(out.get("nftables", []) if isinstance(out, dict) else ())
+
+    # --- rulesets ----------------------------------------------------------------------
+
+    def _table_commands(self, t: Table) -> tuple[list[Json], list[str]]:
+        """The batch that makes table ``t`` hold what it lists, and a description of each change."""
+        fam, name = _fam(t.family), t.name
+        cur = self._list_table(t.family, name)
+        cmds: list[Json] = []
+        why: list[str] = []
+        if not cur.exists:
+            cmds.append({"add": {"table": {"family": fam, "name": name}}})
+            why.append(f"table {fam} {name} missing")
+        for s in t.sets:
+            for spec in _set_specs(t.family, name, s):
+                if spec["name"] not in cur.sets:
+                    cmds.append({"add": {"set": spec}})
+                    why.append(f"set {fam} {name} {spec['name']} missing")
+        late: list[Json] = []
+        # Every chain exists before any rule jumps to it: chains first, rules after.
+        rules: list[Json] = []
+        for chain in t.chains:
+            if chain.name in NOT_IN_LAYOUT:
+                continue
+            have = cur.chains.get(chain.name)
+            spec = _chain_spec(t.family, name, chain)
+            where = f"chain {fam} {name} {chain.name}"
+            if chain.kind == "absent":
+                if have is not None:
+                    late += [{"flush": {"chain": spec}}, {"delete": {"chain": spec}}]
+                    why.append(f"{where} should not exist")
+                continue
+            if chain.kind == "reserved":
+                if have is None:
+                    cmds.append({"add": {"chain": spec}})
+                    why.append(f"{where} missing")
+                continue
+            want = [e for r in chain.rules for e in render_rule(r, t.family)]
+            add_rules = [{"add": {"rule": {"family": fam, "table": name, "chain": chain.name, "expr": e}}}
+                         for e in want]
+            if have is None:
+                cmds.append({"add": {"chain": spec}})
+                rules += add_rules
+                why.append(f"{where} missing")
+                continue
+            rules_differ = cur.rules.get(chain.name, []) != want
+            hook_differs = not _same_hook(have, chain)
+            policy_differs = chain.hook is not None and have.get("policy") != chain.hook.policy
+            if not (rules_differ or hook_differs or policy_differs):
+                continue
+            if hook_differs or chain.kind == "replaced":
+                # A base chain cannot change its hook, and the DNS chains are
+                # swapped whole: deleted and added again in this transaction.
+                cmds += [{"delete": {"chain": spec}}, {"add": {"chain": spec}}]
+                rules += add_rules
+                why.append(f"{where} replaced")
+                continue
+            if policy_differs:
+                cmds.append({"add": {"chain": spec}})  # updates the policy of a base chain
+            if rules_differ:
+                rules += [{"flush": {"chain": spec}}, *add_rules]
+            why.append(f"{where} differs")
+        return cmds + rules + late, why
+
+    def ensure(self, ruleset: Ruleset) -> bool:
+        with file_lock(self._lock_path, self._lock_timeout, "nftables lock"):
+            cmds: list[Json] = []
+            for t in ruleset.tables:
+                cmds += self._table_commands(t)[0]
+            if not cmds:
+                return False
+            self._run(cmds, f"{ruleset.what} ruleset")
+        log.debug("nftables: %s ruleset committed (%d commands)", ruleset.what, len(cmds))
+        return True
+
+    def drift(self, ruleset: Ruleset) -> list[str]:
+        return [w for t in ruleset.tables for w in self._table_commands(t)[1]]
+
+    def describe(self, ruleset: Ruleset) -> list[str]:
+        out = []
+        for t in ruleset.tables:
+            for s in t.sets:
+                nets = f" (and {s}{NETS_SUFFIX} for networks)" if s in NETWORK_SETS else ""
+                out.append(f"add set {_fam(t.family)} {t.name} {s}{nets}")
+            for c in t.chains:
+                if c.name not in NOT_IN_LAYOUT:
+                    out += c.lines(t.family, t.name)
+        return out
+
+    # --- set elements ----------------------------------------------------------------------
+
+    def _element_cmd(self, op: str, e: SetElement) -> Json:
+        set_name = e.set if _is_host(e.network) else e.set + NETS_SUFFIX
+        return {op: {"element": {"family": _fam(e.family), "table": TABLE, "name": set_name,
+                                 "elem": [_element_value(e)]}}}
+
+    def add_element(self, e: SetElement) -> bool:
+        rc, _, err = self._try([self._element_cmd("create", e)])
+        if rc == 0:
+            return True
+        if "File exists" in err:
+            return False
+        raise KernelError(f"cannot add {e}: {_first_error(err)}")
+
+    def remove_element(self, e: SetElement) -> bool:
+        rc, _, err = self._try([self._element_cmd("delete", e)])
+        if rc == 0:
+            return True
+        if _missing(err):
+            return False
+        raise KernelError(f"cannot remove {e}: {_first_error(err)}")
+
+    def element_present(self, e: SetElement) -> bool:
+        # libnftables 1.0.6 has no JSON "get element"; the text command takes
+        # values validated long before (interface names, addresses).
+        set_name = e.set if _is_host(e.network) else e.set + NETS_SUFFIX
+        net = ip_network(e.network)
+        addr = str(net.network_address) if _is_host(e.network) else str(net)
+        member = f'"{e.dev}" . {addr}' if e.dev is not None else addr
+        rc, _, err = self._ctx().cmd(f"get element {_fam(e.family)} {TABLE} {set_name} {{ {member} }}")
+        if rc == 0:
+            return True
+        if _missing(err):
+            return False
+        raise KernelError(f"cannot look up {e}: {_first_error(err)}")
+
+    def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
+        out: list[SetElement] = []
+        for physical in (set_name, set_name + NETS_SUFFIX) if set_name in NETWORK_SETS else (set_name,):
+            rc, data, err = self._try([{"list": {"set": {"family": _fam(family), "table": TABLE, "name": physical}}}])
+            if rc != 0:
+                if _missing(err):
+                    continue
+                raise KernelError(f"cannot list set {_fam(family)} {TABLE} {physical}: {_first_error(err)}")
+            for item in data.get("nftables", []):
+                for value in item.get("set", {}).get("elem", []):
+                    out.append(_parse_element(family, set_name, value))
+        return out
+
+    # --- ownership ------------------------------------------------------------------------
+
+    def owns_state(self) -> bool:
+        families: tuple[Family, ...] = (4, 6)
+        for family in families:
+            cur = self._list_table(family, TABLE)
+            if set(cur.chains) & set(OWNED_CHAINS) or cur.sets & set(SET_NAMES):
+                return True
+        return False
+
+    def remove_all(self) -> bool:
+        """Delete our chains and sets from ``qubes``; the table goes only when nothing else is left."""
+        changed = False
+        with file_lock(self._lock_path, self._lock_timeout, "nftables lock"):
+            for family in (4, 6):
+                fam: Family = 4 if family == 4 else 6
+                cur = self._list_table(fam, TABLE)
+                if not cur.exists:
+                    continue
+                ours = [c for c in cur.chains if c in OWNED_CHAINS]
+                sets = [s for s in cur.sets if s.removesuffix(NETS_SUFFIX) in SET_NAMES]
+                spec = {"family": _fam(fam), "table": TABLE}
+                # Base chains first (they reference the others), then the rest, then sets.
+                ordered = sorted(ours, key=lambda c: "hook" not in cur.chains[c])
+                cmds: list[Json] = [{"flush": {"chain": dict(spec, name=c)}} for c in ordered]
+                cmds += [{"delete": {"chain": dict(spec, name=c)}} for c in ordered]
+                cmds += [{"delete": {"set": dict(spec, name=s)}} for s in sets]
+                if not set(cur.chains) - set(ours):
+                    cmds = [{"delete": {"table": {"family": _fam(fam), "name": TABLE}}}]
+                if cmds:
+                    self._run(cmds, f"removing {_fam(fam)} {TABLE}")
+                    changed = True
+        return changed
+
+
+def _parse_element(family: Family, set_name: SetName, value: Any) -> SetElement:
+    if isinstance(value, dict) and "elem" in value:
+        value = value["elem"].get("val", value["elem"])
+
+    def net(v: Any) -> str:
+        if isinstance(v, dict) and "prefix" in v:
+            return f"{v['prefix']['addr']}/{v['prefix']['len']}"
+        return str(ip_network(str(v)))
+
+    if isinstance(value, dict) and "concat" in value:
+        dev, addr = value["concat"]
+        return SetElement(family, set_name, net(addr), str(dev))
+    return SetElement(family, set_name, net(value))
+
+
+def _missing(err: str) -> bool:
+    return "No such file or directory" in err or "does not exist" in err
+
+
+def _first_error(err: str) -> str:
+    for line in err.splitlines():
+        if "Error:" in line:
+            return line.split("Error:", 1)[1].strip()
+    return err.strip().splitlines()[0] if err.strip() else "failed"
