@@ -6,11 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PREFIX="${PREFIX:-/opt/vif-hotplug}"
 
+# libnftables (the nftables backend) and the legacy xtables libraries
+# python-iptables loads (the iptables backend).
+if command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnftables1 iptables ipset conntrack >/dev/null
+fi
 python3 -m venv "$PREFIX"
 "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check .
 for tool in vif-route-qubes qubes-setup-dnat-to-ns vif-hotplug; do
     ln -sf "$PREFIX/bin/$tool" "/usr/local/bin/$tool"
 done
+# The thin client, runnable without site-packages (python3 -I -S).
+install -d "$PREFIX/libexec"
+install -m 0644 vif_hotplug/agent/client.py "$PREFIX/libexec/vif-hotplug-client"
 
 install -d /etc/xen/scripts /etc/udev/rules.d /etc/vif-hotplug
 sed "s|/opt/vif-hotplug|$PREFIX|" etc/xen/scripts/vif-route-qubes > /etc/xen/scripts/vif-route-qubes
@@ -20,10 +28,13 @@ if [ -d /etc/NetworkManager/dispatcher.d ]; then
     install -m 0755 etc/NetworkManager/dispatcher.d/qubes-nmhook /etc/NetworkManager/dispatcher.d/
 fi
 if [ -d /etc/systemd/system ]; then
-    install -m 0644 etc/systemd/system/vif-hotplug-init.service /etc/systemd/system/
-    # Not enabled: for netvms without NetworkManager (which has the dispatcher hook).
-    install -m 0644 etc/systemd/system/vif-hotplug-dns-watch.service /etc/systemd/system/
+    for unit in vif-hotplug-init.service vif-hotplug-agent.socket vif-hotplug-agent.service \
+                vif-hotplug-dns-watch.service; do
+        install -m 0644 "etc/systemd/system/$unit" /etc/systemd/system/
+    done
     systemctl daemon-reload 2>/dev/null || true
-    systemctl enable vif-hotplug-init.service 2>/dev/null || true
+    systemctl enable vif-hotplug-init.service vif-hotplug-agent.socket 2>/dev/null || true
+    # vif-hotplug-dns-watch.service is not enabled: it is for netvms without
+    # NetworkManager (which has the dispatcher hook).
 fi
 echo "installed into $PREFIX; configure /etc/vif-hotplug/netvm.conf unless QubesDB/XenStore provide the netvm parameters"

@@ -3,13 +3,14 @@ the work is in :mod:`vif_hotplug.app`. Each imports only what it needs."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import argparse
+
     from .app.log_setup import LogControl
     from .app.runtime import Runtime
     from .app.settings import Settings
@@ -40,13 +41,10 @@ Out = Callable[[str], None]
 Command = Callable[[Sequence[str], Mapping[str, str], "Runtime", "LogControl", Out], int]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so a command can run inside the agent."""
+def _Parser(**kw: object) -> argparse.ArgumentParser:
+    import argparse
 
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
-        if message:
-            sys.stderr.write(message)
-        raise SystemExit(status)
+    return argparse.ArgumentParser(**kw)  # type: ignore[arg-type]
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
@@ -85,75 +83,46 @@ def _dns(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: Lo
 
 
 def _init(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
-    from .app.backend_state import Marker, other, read_marker, write_marker
-    from .app.dns import apply_dns
     from .app.faults import fault_hook
-    from .app.init import apply_init, netvm_params, plan_init, run_dns_once
+    from .app.init import initialize
     from .app.runtime import plan_text
     from .core.errors import HotplugError, InvalidInput
-    from .kernel.sysctl import kernel_has_ipv6
+    from .kernel.firewall_backend import choose_backend
 
     p = _Parser(prog=f"{PROG} init", description=(
         "Set up the netvm: the firewall of current Qubes (anti-spoofing, NAT, input, forward; the "
         "administrator's custom-input/custom-forward chains created if missing, never edited), the DNS guard, "
-        "the connected addresses and forwarding; then the DNS DNAT and reconcile. Idempotent. Switching "
+        "the connected addresses and forwarding; then reconcile and the DNS DNAT. Idempotent. Switching "
         "--backend installs everything in the new backend before removing this package's objects from the "
         "old one."),
         epilog="environment: as vif-route-qubes. exit status: 0 success (changed or not), 1 error, 2 usage.")
     _common(p)
     p.add_argument("-n", "--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--resolv-conf", metavar="PATH",
+                   help="upstream nameservers from PATH only (default: as qubes-setup-dnat-to-ns)")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
     if args.verbose:
         logs.verbose(logging.DEBUG)
-    status = 0
     try:
         settings = _settings(env, args.backend)
-    except InvalidInput as exc:
+        # Not Runtime.backend_name: init itself moves the state from the other backend.
+        backend = choose_backend(settings.backend_choice, settings.path)
+        result = initialize(settings, runtime, backend, dry_run=args.dry_run,
+                            on_step=fault_hook(settings.fault, "init", False), resolv_conf=args.resolv_conf)
+    except (HotplugError, InvalidInput) as exc:
         log.error("%s", exc)
         return 1
-    xs = runtime.xenstore(settings)
-    qubesdb = runtime.qubesdb(settings)
-    try:
-        try:
-            params = netvm_params(settings, qubesdb, xs.read)
-        except InvalidInput as exc:
-            log.error("%s: applying with IPv6 off", exc)
-            from .core.model import NetvmParams
-
-            params, status = NetvmParams(), 1
-        host = runtime.host(settings)
-        plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read)
-        for note in plan.notes:
-            log.info("%s", note)
-        if args.dry_run or args.verbose:
-            out("\n".join(plan_text(plan, host)))
-        if args.dry_run:
-            return status
-        changes = len(apply_init(plan, host, fault_hook(settings.fault, "init", False)).changed)
-        if params.virtual_dns:
-            run_dns_once(lambda: apply_dns(settings, host, host.firewall.describe, params.virtual_dns, None))
-        old = read_marker(settings)
-        if (old is not None and old.backend != host.firewall.name) or old is None:
-            former = runtime.host(settings, other(host.firewall.name)).firewall  # type: ignore[arg-type]
-            if former.owns_state() and former.remove_all():
-                log.info("removed this package's firewall objects from %s", former.name)
-                changes += 1
-        write_marker(settings, Marker(host.firewall.name, init=True))
-        from .app.reconcile import reconcile
-
-        changes += reconcile(settings, host, xs, qubesdb).changes
-    except HotplugError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        xs.close()
-    if changes:
-        log.info("init applied: %d change(s)", changes)
+    if args.dry_run or args.verbose:
+        out("\n".join(plan_text(result.plan, runtime.host(settings, backend))))
+    if args.dry_run:
+        return result.status
+    if result.changes:
+        log.info("init applied: %d change(s)", result.changes)
     else:
         log.info("init already in place: nothing changed")
-    return status
+    return result.status
 
 
 def _stop(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
@@ -177,6 +146,145 @@ def _stop(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: L
         return 1
     log.info("forwarding off (%d change(s))", changed)
     return 0
+
+
+def _connected_ips(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
+    from .app.connected import update_connected, watch_connected
+    from .core.errors import HotplugError
+
+    p = _Parser(prog=f"{PROG} connected-ips", description=(
+        "Make the connected sets (addresses of every VM using this netvm, running or not: netvm.conf "
+        "connected_ips/connected_ips6, else QubesDB /connected-ips, else XenStore qubes-connected-ips) hold "
+        "exactly what their source lists. exit status: 0 success, 1 error."))
+    _common(p)
+    p.add_argument("--watch", action="store_true", help="keep them up to date until SIGTERM/SIGINT")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    if args.verbose:
+        logs.verbose(logging.DEBUG)
+    try:
+        settings = _settings(env, args.backend)
+        host = runtime.host(settings)
+        xs = runtime.xenstore(settings)
+        try:
+            run = watch_connected if args.watch else update_connected
+            changes = run(settings, host, runtime.qubesdb(settings), xs.read)
+        finally:
+            xs.close()
+    except HotplugError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("connected addresses: %d change(s)", changes)
+    return 0
+
+
+def _status(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
+    import json
+
+    from .app.backend_state import read_marker
+    from .app.status import status
+    from .core.errors import HotplugError, XenStoreUnavailable
+
+    p = _Parser(prog=f"{PROG} status", description=(
+        "Show, for every vif XenStore lists under backend/vif or the kernel has in interface group 2 (or only the "
+        "named ones), the desired state (from XenStore and the netvm parameters) beside the actual one: link, "
+        "group, addresses, routes, neighbours, sysctls, set elements, NAT namespace; and the netvm's firewall and "
+        "DNS rules when init ran. Changes nothing."),
+        epilog="exit status: 0 everything matches, 1 drift, 2 cannot tell (XenStore down, usage error).")
+    _common(p)
+    p.add_argument("vifs", nargs="*", metavar="VIF", help="only these vifs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--resolv-conf", metavar="PATH", help="upstream nameservers from PATH (as the DNS tool)")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    if args.verbose:
+        logs.verbose(logging.DEBUG)
+    try:
+        settings = _settings(env, args.backend)
+        backend = runtime.backend_name(settings)
+        host = runtime.host(settings, backend)
+        marker = read_marker(settings)
+        xs = runtime.xenstore(settings)
+        try:
+            result = status(settings, host, backend, xs, runtime.qubesdb(settings), init=bool(marker and marker.init),
+                            only=args.vifs or None, resolv_conf=args.resolv_conf)
+        finally:
+            xs.close()
+    except XenStoreUnavailable as exc:
+        log.error("cannot tell: %s", exc)
+        return 2
+    except HotplugError as exc:
+        log.error("%s", exc)
+        return 2
+    out(json.dumps(result.as_dict(), indent=2) if args.json else "\n".join(result.lines()))
+    return 1 if result.drift else 0
+
+
+def _reconcile(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
+    from .app.backend_state import read_marker
+    from .app.reconcile import reconcile
+    from .app.runtime import plan_text
+    from .core.errors import HotplugError
+
+    p = _Parser(prog=f"{PROG} reconcile", description=(
+        "Make the kernel match XenStore for every vif at once: restore what is missing for vifs that are online "
+        "in XenStore and whose device exists, remove what this package owns for vifs that are gone (and the "
+        "netvm's firewall when init ran). Only objects this package owns; idempotent."),
+        epilog="exit status: 0 success (changed or not), 1 error, 2 usage.")
+    _common(p)
+    p.add_argument("-n", "--dry-run", action="store_true", help="print what would change and change nothing")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    if args.verbose:
+        logs.verbose(logging.DEBUG)
+    try:
+        settings = _settings(env, args.backend)
+        host = runtime.host(settings)
+        xs = runtime.xenstore(settings)
+        try:
+            marker = read_marker(settings)
+            result = reconcile(settings, host, xs, runtime.qubesdb(settings), dry_run=args.dry_run,
+                               base=bool(marker and marker.init))
+        finally:
+            xs.close()
+    except HotplugError as exc:
+        log.error("%s", exc)
+        return 1
+    if args.dry_run or args.verbose:
+        out("\n".join(line for plan in result.plans for line in plan_text(plan, host)))
+    for error in result.errors:
+        log.error("%s", error)
+    log.info("reconcile: %d change(s), %d vif(s) online, %d removal(s)", result.changes, len(result.online),
+             len(result.removed))
+    return 1 if result.errors else 0
+
+
+def _agent(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
+    from .core.errors import InvalidInput
+
+    p = _Parser(prog=f"{PROG} agent", description=(
+        "Serve hotplug events, DNS runs, init, status and reconcile to the thin clients (vif-route-qubes, "
+        "qubes-setup-dnat-to-ns, vif-hotplug and the /etc/xen/scripts wrapper try it first) over a Unix socket, "
+        "root only. At start it reconciles every vif. Runs until SIGTERM/SIGINT; systemd socket activation is "
+        "supported (vif-hotplug-agent.socket)."),
+        epilog="environment: as vif-route-qubes; VIF_HOTPLUG_AGENT_SOCKET (default /run/vif-hotplug/agent.sock). "
+        "exit status: 0 stopped, 1 cannot listen, 2 usage.")
+    p.add_argument("--socket", metavar="PATH", help="listen here (default: VIF_HOTPLUG_AGENT_SOCKET)")
+    p.add_argument("--no-start-up", action="store_true", help="do not reconcile at start")
+    args = _parse(p, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        settings = _settings(env, None)
+    except InvalidInput as exc:
+        log.error("%s", exc)
+        return 1
+    from .agent.server import run_agent
+
+    return run_agent(env, args.socket or settings.agent_socket, start_up=not args.no_start_up)
 
 
 def _lab(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
@@ -210,6 +318,10 @@ COMMANDS: dict[str, Command] = {
     "dns": _dns,
     "init": _init,
     "stop": _stop,
+    "connected-ips": _connected_ips,
+    "status": _status,
+    "reconcile": _reconcile,
+    "agent": _agent,
     "lab": _lab,
     "xenstored": _xenstored,
 }

@@ -7,12 +7,13 @@ when it runs. Exit 0 rules changed, 100 nothing changed, 1 error.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    import argparse
+
     from .app.log_setup import LogControl
     from .app.runtime import Runtime
 
@@ -21,13 +22,6 @@ PROG = "qubes-setup-dnat-to-ns"
 
 class _UsageError(Exception):
     pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as exceptions instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see --help)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = _Parser(
+    """The command line parser; usage errors raise instead of exiting (the agent runs it too)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise _UsageError(f"{message} (see --help)")
+
+    parser = Parser(
         prog=prog,
         description="Map the virtual DNS resolvers (DNS1/DNS2) onto the uplink's nameservers with DNAT "
         "(nftables chains dnat-dns and dns-guard of table ip qubes, or iptables PR-QBS and QBS-DNS).",

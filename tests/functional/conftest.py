@@ -111,3 +111,12 @@ def make_netns() -> Iterator[NetnsFactory]:
 @pytest.fixture
 def netns(make_netns: NetnsFactory) -> Netns:
     return make_netns()
+
+
+BACKENDS = ("nftables", "iptables")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The firewall backend a test's netvm uses: every test that asks runs once per backend."""
+    return str(request.param)

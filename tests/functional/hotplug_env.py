@@ -1,9 +1,10 @@
 """A netvm in a namespace, an embedded XenStore, and VMs behind veth "vifs".
 
 The harness runs the installed ``vif-route-qubes`` exactly as the toolstack
-would (``ip netns exec NETVM vif-route-qubes online type_if=vif`` with
-``XENBUS_PATH`` and ``vif`` in the environment) and reads kernel state back
-with the distribution's own tools, never with our adapters.
+would (in the netvm's network namespace, with ``XENBUS_PATH`` and ``vif`` in
+the environment) and reads kernel state back with the distribution's own
+tools (:mod:`.kernel_state`), never with our adapters. Each netvm uses one
+firewall backend (the ``backend`` fixture runs every test once per backend).
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyxs
 
-from vif_hotplug.xenstored import XenStoreServer
+from vif_hotplug.xen.xenstored import XenStoreServer
 
 from .conftest import Netns, NetnsFactory, entry_point, require_tool
+from .kernel_state import FirewallState, read_firewall
 
 NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
 GATEWAY = "10.137.0.1"
@@ -56,6 +58,7 @@ class Netvm:
     ns: Netns
     tmp: Path
     xs_path: str
+    fw_backend: str
     vms: dict[int, Vm] = field(default_factory=dict)
     uplink: Netns | None = None
 
@@ -68,11 +71,20 @@ class Netvm:
             "VIF_HOTPLUG_CONF": str(self.tmp / "netvm.conf"),
             "VIF_HOTPLUG_LOCK": str(self.tmp / "hotplug.lock"),
             "VIF_HOTPLUG_HOOKS_DIR": str(self.tmp / "hooks"),
+            "VIF_HOTPLUG_STATE_DIR": str(self.tmp / "state"),
+            "VIF_HOTPLUG_AGENT": "off",
             "XTABLES_LOCKFILE": str(self.tmp / "xtables.lock"),
         }
 
     def write_conf(self, text: str) -> None:
+        """netvm.conf as given, with this netvm's firewall backend added."""
+        if "[firewall]" not in text:
+            text += f"\n[firewall]\nbackend = {self.fw_backend}\n"
         (self.tmp / "netvm.conf").write_text(text)
+
+    def firewall(self) -> FirewallState:
+        """The firewall as the backend in use holds it, backend-independent."""
+        return read_firewall(lambda *cmd: self.ns.run(*cmd), self.fw_backend)
 
     def xs_write(self, path: str, value: str) -> None:
         with pyxs.Client(unix_socket_path=self.xs_path) as c:
@@ -155,6 +167,7 @@ class Netvm:
         up.run("ip", "link", "set", "wan0", "up")
         # No NAT here: the uplink routes the VM range back, so it sees real sources.
         up.run("ip", "route", "add", "10.137.0.0/16", "via", f"{UPLINK_NET}.1")
+        self.ns.run("ip", "route", "add", "default", "via", f"{UPLINK_NET}.2")
         self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.ns.run("ip", "addr", "add", f"{UPLINK6_NET}::1/64", "dev", "uplink0", "nodad")
         up.run("ip", "addr", "add", f"{UPLINK6_NET}::2/64", "dev", "wan0", "nodad")
@@ -193,6 +206,24 @@ class Netvm:
             raise AssertionError(f"vif-route-qubes {command} {domid} exited {proc.returncode}: {proc.stderr}")
         return proc
 
+    def tool(
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``vif-hotplug ARGS`` (init, stop, reconcile, status...) in the netvm, with its environment."""
+        run_env = dict(os.environ)
+        run_env.update(self.env)
+        run_env.update(env or {})
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.ns.name}", entry_point("vif-hotplug"), *args],
+            capture_output=True, text=True, env=run_env, timeout=300,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"vif-hotplug {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def sysctl(self, key: str) -> str:
+        return self.ns.run("cat", f"/proc/sys/{key}").stdout.strip()
+
     def status(self, domid: int) -> str | None:
         return self.xs_read(f"{self.backend(domid)}/hotplug-status")
 
@@ -230,11 +261,15 @@ class Netvm:
                 line for line in self.ns.run("ipset", "list").stdout.splitlines()
                 if not line.startswith(("Header:", "Size in memory:", "References:"))
             ),
+            "nftables": sorted(
+                re.sub(r"counter packets \d+ bytes \d+", "counter", line)
+                for line in self.ns.run("nft", "list", "ruleset").stdout.splitlines()
+            ),
         }
 
-    def set_members(self, name: str) -> list[str]:
-        out = self.ns.run("ipset", "list", name, check=False).stdout
-        return sorted(out.split("Members:\n", 1)[1].split()) if "Members:" in out else []
+    def members(self, family: int, name: str) -> list[str]:
+        """Members of a logical set (``allowed``: "vif4.0 . 10.137.0.5"), sorted."""
+        return sorted(self.firewall().members(family, name))
 
 
 def udp_listen(ns: Netns, addr: str, port: int, count_file: Path) -> subprocess.Popen[str]:
@@ -271,6 +306,35 @@ def received(
     return log.read_text().splitlines()
 
 
+def capture(ns: Netns, dev: str, expression: str, during: Callable[[], object]) -> str:
+    """tcpdump's closing summary for packets matching ``expression`` on ``dev`` while ``during`` runs.
+
+    ``--immediate-mode`` hands each packet over at once, so none is lost in
+    the buffer when tcpdump is stopped; "received by filter" counts in the
+    kernel and so covers a packet still buffered then.
+    """
+    tcpdump = require_tool("tcpdump")
+    proc = ns.popen([tcpdump, "-i", dev, "-n", "--immediate-mode", *expression.split()],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        lines: list[str] = []
+        while not any("listening on" in line for line in lines):
+            line = proc.stderr.readline()
+            if not line:
+                raise AssertionError(f"tcpdump did not start: {''.join(lines)}")
+            lines.append(line)
+        during()
+        time.sleep(0.2)
+        proc.send_signal(2)
+        _, rest = proc.communicate(timeout=20)
+        return rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for_line(path: Path, text: str, deadline: float = 10.0) -> bool:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -281,9 +345,9 @@ def wait_for_line(path: Path, text: str, deadline: float = 10.0) -> bool:
 
 
 @contextlib.contextmanager
-def running_netvm(make_netns: NetnsFactory, conf: str) -> Iterator[Netvm]:
-    """A netvm namespace with ``conf`` as netvm.conf and its own embedded XenStore."""
-    for tool in ("ipset", "iptables-legacy-save", "ip6tables-legacy-save", "conntrack"):
+def running_netvm(make_netns: NetnsFactory, conf: str, backend: str) -> Iterator[Netvm]:
+    """A netvm namespace with ``conf`` as netvm.conf, firewall ``backend``, and its own embedded XenStore."""
+    for tool in ("ipset", "iptables-legacy-save", "ip6tables-legacy-save", "conntrack", "nft"):
         require_tool(tool)
     # A short directory: Unix socket paths are limited to 108 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="vh"))
@@ -292,7 +356,7 @@ def running_netvm(make_netns: NetnsFactory, conf: str) -> Iterator[Netvm]:
     server.start_in_thread()
     env = None
     try:
-        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"))
+        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"), backend)
         env.write_conf(conf)
         yield env
     finally:

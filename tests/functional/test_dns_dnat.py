@@ -1,10 +1,11 @@
 """qubes-setup-dnat-to-ns against the kernel, and DNS traffic through a netvm.
 
-Every test gets fresh namespaces; the installed console script runs inside
-them through ``ip netns exec`` (so ``/etc/netns/<ns>/resolv.conf`` is the
-namespace's ``/etc/resolv.conf``), configured by a netvm.conf given in
-``VIF_HOTPLUG_CONF``. Rules are checked with ``iptables-legacy-save`` inside
-the namespace; DNS behaviour with dnsmasq, dig and tcpdump.
+Every test gets fresh namespaces and runs once per firewall backend; the
+installed console script runs inside them through ``ip netns exec`` (so
+``/etc/netns/<ns>/resolv.conf`` is the namespace's ``/etc/resolv.conf``),
+configured by a netvm.conf given in ``VIF_HOTPLUG_CONF``. Rules are read back
+in a backend-independent form (:mod:`.kernel_state`); DNS behaviour with
+dnsmasq, dig and tcpdump.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.functional.conftest import Netns, NetnsFactory, entry_point, require_root, require_tool
+from tests.functional.kernel_state import FirewallState, read_firewall
 
 TOOL = "qubes-setup-dnat-to-ns"
 HOOK = Path(__file__).resolve().parents[2] / "etc/NetworkManager/dispatcher.d/qubes-nmhook"
@@ -36,26 +38,25 @@ PATIENCE = 20.0
 pytestmark = pytest.mark.netns
 
 
-def dnat(v: str, u: str) -> list[str]:
-    return [
-        f"-A PR-QBS -d {v}/32 -p udp -m udp --dport 53 -j DNAT --to-destination {u}",
-        f"-A PR-QBS -d {v}/32 -p tcp -m tcp --dport 53 -j DNAT --to-destination {u}",
-    ]
+def dnat(v: str, u: str) -> list[tuple[str, str, str]]:
+    return [(v, "udp", u), (v, "tcp", u)]
 
 
-GUARD = [
-    f"-A QBS-DNS -d {DNS1}/32 -p tcp -j REJECT --reject-with tcp-reset",
-    f"-A QBS-DNS -d {DNS1}/32 -j REJECT --reject-with icmp-port-unreachable",
-    f"-A QBS-DNS -d {DNS2}/32 -p tcp -j REJECT --reject-with tcp-reset",
-    f"-A QBS-DNS -d {DNS2}/32 -j REJECT --reject-with icmp-port-unreachable",
-]
+GUARD = [DNS1, DNS2]
+#: How -v and --dry-run show one DNAT rule, per backend.
+RULE_TEXT = {
+    "iptables": "iptables -t nat -A PR-QBS -d {0}/32 -p udp -m udp --dport 53 -j DNAT --to-destination {1}",
+    "nftables": "ip daddr {0} udp dport 53 dnat to {1}",
+}
 
 
 @pytest.fixture
-def conf_env(tmp_path: Path) -> dict[str, str]:
+def conf_env(tmp_path: Path, backend: str) -> dict[str, str]:
     conf = tmp_path / "netvm.conf"
-    conf.write_text(f"[netvm]\ngateway = 10.137.0.1\nprimary_dns = {DNS1}\nsecondary_dns = {DNS2}\n")
-    return {"VIF_HOTPLUG_CONF": str(conf)}
+    conf.write_text(f"[netvm]\ngateway = 10.137.0.1\nprimary_dns = {DNS1}\nsecondary_dns = {DNS2}\n"
+                    f"[firewall]\nbackend = {backend}\n")
+    return {"VIF_HOTPLUG_CONF": str(conf), "VIF_HOTPLUG_STATE_DIR": str(tmp_path / "state"),
+            "VIF_HOTPLUG_AGENT": "off", "XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")}
 
 
 def set_resolv_conf(ns: Netns, text: str) -> None:
@@ -69,68 +70,61 @@ def tool(ns: Netns, env: dict[str, str], *args: str) -> subprocess.CompletedProc
     return ns.run(entry_point(TOOL), *args, check=False, env=env)
 
 
-def saved(ns: Netns, table: str) -> list[str]:
-    return ns.run("iptables-legacy-save", "-t", table).stdout.splitlines()
-
-
-def chain_rules(ns: Netns, table: str, chain: str) -> list[str]:
-    return [line for line in saved(ns, table) if line.startswith(f"-A {chain} ")]
-
-
-def chains(ns: Netns, table: str) -> list[str]:
-    return [line.split()[0][1:] for line in saved(ns, table) if line.startswith(":")]
+def fw(ns: Netns, backend: str) -> FirewallState:
+    return read_firewall(lambda *cmd: ns.run(*cmd), backend)
 
 
 @pytest.fixture
-def netvm(make_netns: NetnsFactory) -> Netns:
+def netvm(make_netns: NetnsFactory, backend: str) -> Netns:
     require_tool("iptables-legacy-save")
+    require_tool("nft")
     return make_netns("dnsnv")
 
 
 # --- rules ----------------------------------------------------------------------------
 
 
-def test_one_upstream_serves_both_virtual_resolvers(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_one_upstream_serves_both_virtual_resolvers(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     assert tool(netvm, conf_env).returncode == EXIT_CHANGED
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
 
 
-def test_two_upstreams_are_paired_in_order(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_two_upstreams_are_paired_in_order(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\nnameserver {SERVER_B}\n")
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_B)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_B)
 
 
-def test_third_upstream_is_not_used(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_third_upstream_is_not_used(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\nnameserver {SERVER_B}\nnameserver 192.0.2.55\n")
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_B)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_B)
 
 
-def test_no_upstream_leaves_nat_chain_empty(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_no_upstream_leaves_nat_chain_empty(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, "nameserver 127.0.0.53\noptions edns0\n")
     assert tool(netvm, conf_env).returncode == EXIT_CHANGED
-    assert ("PR-QBS" in chains(netvm, "nat"), chain_rules(netvm, "nat", "PR-QBS")) == (True, [])
+    assert (fw(netvm, backend).has_chain(4, "dnat-dns"), fw(netvm, backend).dnat()) == (True, [])
 
 
-def test_guard_chain_rejects_virtual_resolvers(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_guard_chain_rejects_virtual_resolvers(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "filter", "QBS-DNS") == GUARD
+    assert fw(netvm, backend).guarded() == GUARD
 
 
-def test_chains_are_jumped_from_prerouting_and_forward(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_chains_are_jumped_from_prerouting_and_forward(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "nat", "PREROUTING") == ["-A PREROUTING -j PR-QBS"]
-    assert chain_rules(netvm, "filter", "FORWARD") == ["-A FORWARD -j QBS-DNS"]
+    state = fw(netvm, backend)
+    assert (state.hooks.get((4, "prerouting")), state.hooks.get((4, "forward"))) == (["dnat-dns"], ["dns-guard"])
 
 
-def test_virtual_resolver_listed_as_upstream_is_skipped(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_virtual_resolver_listed_as_upstream_is_skipped(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {DNS1}\nnameserver {SERVER_A}\n")
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
 
 
 # A netvm behind another netvm (sys-firewall behind sys-net) is told the same
@@ -138,56 +132,58 @@ def test_virtual_resolver_listed_as_upstream_is_skipped(netvm: Netns, conf_env: 
 CHAINED_RESOLV_CONF = f"nameserver {DNS1}\nnameserver {DNS2}\n"
 
 
-def test_chained_netvm_neither_maps_nor_rejects(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_chained_netvm_neither_maps_nor_rejects(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
     assert tool(netvm, conf_env).returncode == EXIT_CHANGED
-    assert (chain_rules(netvm, "nat", "PR-QBS"), chain_rules(netvm, "filter", "QBS-DNS")) == ([], [])
+    assert (fw(netvm, backend).dnat(), fw(netvm, backend).guarded()) == ([], [])
 
 
-def test_chained_netvm_keeps_both_jumps(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_chained_netvm_keeps_both_jumps(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "nat", "PREROUTING") == ["-A PREROUTING -j PR-QBS"]
-    assert chain_rules(netvm, "filter", "FORWARD") == ["-A FORWARD -j QBS-DNS"]
+    state = fw(netvm, backend)
+    assert (state.hooks.get((4, "prerouting")), state.hooks.get((4, "forward"))) == (["dnat-dns"], ["dns-guard"])
 
 
-def test_rerun_of_chained_netvm_exits_100(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_rerun_of_chained_netvm_exits_100(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
     tool(netvm, conf_env)
     assert tool(netvm, conf_env).returncode == EXIT_UNCHANGED
 
 
-def test_real_upstream_wins_over_listed_virtual_resolvers(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_real_upstream_wins_over_listed_virtual_resolvers(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, CHAINED_RESOLV_CONF + f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
-    assert (chain_rules(netvm, "nat", "PR-QBS"), chain_rules(netvm, "filter", "QBS-DNS")) == (
+    assert (fw(netvm, backend).dnat(), fw(netvm, backend).guarded()) == (
         dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A), GUARD
     )
 
 
-def test_leaving_the_chain_without_upstream_rejects_again(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_leaving_the_chain_without_upstream_rejects_again(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
     tool(netvm, conf_env)
     set_resolv_conf(netvm, "")
     assert tool(netvm, conf_env).returncode == EXIT_CHANGED
-    assert (chain_rules(netvm, "nat", "PR-QBS"), chain_rules(netvm, "filter", "QBS-DNS")) == ([], GUARD)
+    assert (fw(netvm, backend).dnat(), fw(netvm, backend).guarded()) == ([], GUARD)
 
 
-def test_resolv_conf_option_overrides_etc_resolv_conf(netvm: Netns, conf_env: dict[str, str], tmp_path: Path) -> None:
+def test_resolv_conf_option_overrides_etc_resolv_conf(
+    netvm: Netns, backend: str, conf_env: dict[str, str], tmp_path: Path
+) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     given = tmp_path / "resolv.conf"
     given.write_text(f"nameserver {SERVER_B}\n")
     tool(netvm, conf_env, "--resolv-conf", str(given))
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
 
 
-def test_rerun_with_same_upstreams_exits_100(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_rerun_with_same_upstreams_exits_100(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\nnameserver {SERVER_B}\n")
     tool(netvm, conf_env)
     assert tool(netvm, conf_env).returncode == EXIT_UNCHANGED
 
 
-def test_rerun_without_upstream_exits_100(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_rerun_without_upstream_exits_100(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, "")
     tool(netvm, conf_env)
     assert tool(netvm, conf_env).returncode == EXIT_UNCHANGED
@@ -195,12 +191,12 @@ def test_rerun_without_upstream_exits_100(netvm: Netns, conf_env: dict[str, str]
 
 @pytest.mark.parametrize("garbage", ["\x7fELF\x02\x01\x01\x00binary\n", "<html>captive portal</html>\n"])
 def test_garbage_resolv_conf_is_a_one_line_error_and_keeps_the_rules(
-    netvm: Netns, conf_env: dict[str, str], garbage: str
+    netvm: Netns, backend: str, conf_env: dict[str, str], garbage: str
 ) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
-    def rules() -> list[str]:
-        return [line for line in saved(netvm, "nat") + saved(netvm, "filter") if not line.startswith("#")]
+    def rules() -> FirewallState:
+        return fw(netvm, backend)
 
     before = rules()
     set_resolv_conf(netvm, garbage)
@@ -210,35 +206,38 @@ def test_garbage_resolv_conf_is_a_one_line_error_and_keeps_the_rules(
     assert rules() == before
 
 
-def test_changed_upstream_exits_0_with_new_rules(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_changed_upstream_exits_0_with_new_rules(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
     set_resolv_conf(netvm, f"nameserver {SERVER_B}\n")
     assert tool(netvm, conf_env).returncode == EXIT_CHANGED
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
 
 
-def test_losing_upstreams_empties_nat_chain(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_losing_upstreams_empties_nat_chain(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
     set_resolv_conf(netvm, "")
     assert tool(netvm, conf_env).returncode == EXIT_CHANGED
-    assert chain_rules(netvm, "nat", "PR-QBS") == []
+    assert fw(netvm, backend).dnat() == []
 
 
-def test_rules_outside_owned_chains_are_left_alone(netvm: Netns, conf_env: dict[str, str]) -> None:
-    netvm.run("iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-p", "icmp", "-j", "ACCEPT")
-    netvm.run("iptables-legacy", "-t", "nat", "-N", "PR-QBS-SERVICES")
-    netvm.run("iptables-legacy", "-t", "nat", "-A", "PR-QBS-SERVICES", "-p", "udp", "-j", "RETURN")
-    netvm.run("iptables-legacy", "-A", "FORWARD", "-i", "vif+", "-j", "ACCEPT")
+def test_rules_outside_owned_chains_are_left_alone(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
+    if backend == "iptables":
+        netvm.run("iptables-legacy", "-t", "nat", "-A", "PREROUTING", "-p", "icmp", "-j", "ACCEPT")
+        netvm.run("iptables-legacy", "-A", "FORWARD", "-i", "vif+", "-j", "ACCEPT")
+    netvm.run("nft", "add table inet filter; add chain inet filter forward { type filter hook forward priority 0; }; "
+              "add rule inet filter forward iifname vif0 accept")
+    before = fw(netvm, backend).foreign
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env)
-    assert chain_rules(netvm, "nat", "PREROUTING") == ["-A PREROUTING -j PR-QBS", "-A PREROUTING -p icmp -j ACCEPT"]
-    assert chain_rules(netvm, "nat", "PR-QBS-SERVICES") == ["-A PR-QBS-SERVICES -p udp -j RETURN"]
-    assert chain_rules(netvm, "filter", "FORWARD") == ["-A FORWARD -j QBS-DNS", "-A FORWARD -i vif+ -j ACCEPT"]
+    state = fw(netvm, backend)
+    assert state.foreign == before
+    assert "inet filter forward" in " ".join(state.foreign) or backend == "iptables"
+    assert state.dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
 
 
-def test_concurrent_runs_leave_exactly_one_correct_chain(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_concurrent_runs_leave_exactly_one_correct_chain(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\nnameserver {SERVER_B}\n")
     env = {**os.environ, **conf_env}
     procs = [
@@ -249,41 +248,39 @@ def test_concurrent_runs_leave_exactly_one_correct_chain(netvm: Netns, conf_env:
         assert p.stderr is not None
         p.stderr.close()
     assert codes == [EXIT_CHANGED] + [EXIT_UNCHANGED] * 9
-    assert chains(netvm, "nat").count("PR-QBS") == 1
-    assert chain_rules(netvm, "nat", "PREROUTING") == ["-A PREROUTING -j PR-QBS"]
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_B)
-    assert chain_rules(netvm, "filter", "FORWARD") == ["-A FORWARD -j QBS-DNS"]
+    state = fw(netvm, backend)
+    assert (state.hooks.get((4, "prerouting")), state.hooks.get((4, "forward"))) == (["dnat-dns"], ["dns-guard"])
+    assert state.dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_B)
+    assert state.guarded() == GUARD
 
 
 # --- options and errors ----------------------------------------------------------
 
 
-def test_dry_run_prints_rules(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_dry_run_prints_rules(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     proc = tool(netvm, conf_env, "--dry-run")
     assert proc.returncode == EXIT_CHANGED
-    assert f"iptables -t nat -A PR-QBS -d {DNS1}/32 -p udp -m udp --dport 53 -j DNAT --to-destination {SERVER_A}" in (
-        proc.stdout.splitlines()
-    )
+    assert RULE_TEXT[backend].format(DNS1, SERVER_A) in [line.strip() for line in proc.stdout.splitlines()]
 
 
-def test_dry_run_says_chained(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_dry_run_says_chained(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, CHAINED_RESOLV_CONF)
     proc = tool(netvm, conf_env, "--dry-run")
     assert f"# chained: {DNS1}/{DNS2} forwarded unchanged to the upstream netvm" in proc.stdout.splitlines()
 
 
-def test_dry_run_changes_nothing(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_dry_run_changes_nothing(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     tool(netvm, conf_env, "--dry-run")
-    assert ("PR-QBS" in chains(netvm, "nat"), "QBS-DNS" in chains(netvm, "filter")) == (False, False)
+    assert (fw(netvm, backend).has_chain(4, "dnat-dns"), fw(netvm, backend).has_chain(4, "dns-guard")) == (False, False)
 
 
-def test_verbose_prints_rules_and_applies_them(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_verbose_prints_rules_and_applies_them(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     proc = tool(netvm, conf_env, "-v")
-    assert "iptables -t filter -I FORWARD 1 -j QBS-DNS" in proc.stdout.splitlines()
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
+    assert RULE_TEXT[backend].format(DNS1, SERVER_A) in [line.strip() for line in proc.stdout.splitlines()]
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
 
 
 BAD_CONFIGS = [
@@ -304,15 +301,17 @@ def test_bad_config_exits_1_with_one_line(netvm: Netns, tmp_path: Path, text: st
 
 
 @pytest.mark.parametrize("text", BAD_CONFIGS)
-def test_bad_config_changes_nothing(netvm: Netns, tmp_path: Path, text: str) -> None:
+def test_bad_config_changes_nothing(netvm: Netns, backend: str, tmp_path: Path, text: str) -> None:
     conf = tmp_path / "bad.conf"
     conf.write_text(text)
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
-    tool(netvm, {"VIF_HOTPLUG_CONF": str(conf)})
-    assert "PR-QBS" not in chains(netvm, "nat")
+    tool(netvm, {"VIF_HOTPLUG_CONF": str(conf), "VIF_HOTPLUG_STATE_DIR": str(tmp_path / "state")})
+    assert not fw(netvm, backend).has_chain(4, "dnat-dns")
 
 
-def test_missing_resolv_conf_option_file_exits_1(netvm: Netns, conf_env: dict[str, str], tmp_path: Path) -> None:
+def test_missing_resolv_conf_option_file_exits_1(
+    netvm: Netns, backend: str, conf_env: dict[str, str], tmp_path: Path
+) -> None:
     proc = tool(netvm, conf_env, "--resolv-conf", str(tmp_path / "absent"))
     assert (proc.returncode, len(proc.stderr.strip().splitlines())) == (EXIT_ERROR, 1)
 
@@ -345,23 +344,25 @@ def hook(ns: Netns, env: dict[str, str], action: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("action", ["up", "vpn-up", "vpn-down", "dhcp4-change", "dns-change", "connectivity-change"])
-def test_hook_applies_rules_on_network_change(netvm: Netns, conf_env: dict[str, str], action: str) -> None:
+def test_hook_applies_rules_on_network_change(
+    netvm: Netns, backend: str, conf_env: dict[str, str], action: str
+) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     assert hook(netvm, conf_env, action).returncode == 0
-    assert chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
+    assert fw(netvm, backend).dnat() == dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
 
 
-def test_hook_exits_0_when_nothing_changed(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_hook_exits_0_when_nothing_changed(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     hook(netvm, conf_env, "up")
     assert hook(netvm, conf_env, "dhcp4-change").returncode == 0
 
 
 @pytest.mark.parametrize("action", ["down", "pre-up", "hostname", ""])
-def test_hook_ignores_other_actions(netvm: Netns, conf_env: dict[str, str], action: str) -> None:
+def test_hook_ignores_other_actions(netvm: Netns, backend: str, conf_env: dict[str, str], action: str) -> None:
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
     assert hook(netvm, conf_env, action).returncode == 0
-    assert "PR-QBS" not in chains(netvm, "nat")
+    assert not fw(netvm, backend).has_chain(4, "dnat-dns")
 
 
 def test_hook_fails_when_tool_fails(netvm: Netns, tmp_path: Path) -> None:
@@ -393,7 +394,9 @@ def replace_file(path: Path, text: str) -> None:
 
 
 @pytest.fixture
-def watcher(netvm: Netns, conf_env: dict[str, str], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+def watcher(
+    netvm: Netns, backend: str, conf_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(f"nameserver {SERVER_A}\n")
     proc = netvm.popen(
@@ -402,7 +405,7 @@ def watcher(netvm: Netns, conf_env: dict[str, str], tmp_path: Path) -> Iterator[
     )
     try:
         first = dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
-        wait_for("the first apply", lambda: chain_rules(netvm, "nat", "PR-QBS") == first)
+        wait_for("the first apply", lambda: fw(netvm, backend).dnat() == first)
         yield proc, resolv
     finally:
         if proc.poll() is None:
@@ -411,23 +414,23 @@ def watcher(netvm: Netns, conf_env: dict[str, str], tmp_path: Path) -> Iterator[
 
 
 def test_watch_reapplies_when_resolv_conf_is_replaced(
-    netvm: Netns, watcher: tuple[subprocess.Popen[str], Path]
+    netvm: Netns, backend: str, watcher: tuple[subprocess.Popen[str], Path]
 ) -> None:
     _, resolv = watcher
     replace_file(resolv, f"nameserver {SERVER_B}\n")
-    wait_for("new rules", lambda: chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B))
+    wait_for("new rules", lambda: fw(netvm, backend).dnat() == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B))
 
 
 def test_watch_reapplies_when_resolv_conf_is_rewritten_in_place(
-    netvm: Netns, watcher: tuple[subprocess.Popen[str], Path]
+    netvm: Netns, backend: str, watcher: tuple[subprocess.Popen[str], Path]
 ) -> None:
     _, resolv = watcher
     resolv.write_text(f"nameserver {SERVER_B}\n")
-    wait_for("new rules", lambda: chain_rules(netvm, "nat", "PR-QBS") == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B))
+    wait_for("new rules", lambda: fw(netvm, backend).dnat() == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B))
 
 
 def test_watch_keeps_running_until_missing_resolv_conf_appears(
-    netvm: Netns, conf_env: dict[str, str], tmp_path: Path
+    netvm: Netns, backend: str, conf_env: dict[str, str], tmp_path: Path
 ) -> None:
     resolv = tmp_path / "later" / "resolv.conf"
     proc = netvm.popen(
@@ -440,13 +443,13 @@ def test_watch_keeps_running_until_missing_resolv_conf_appears(
         resolv.parent.mkdir()
         replace_file(resolv, f"nameserver {SERVER_B}\n")
         second = dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
-        wait_for("rules from the new file", lambda: chain_rules(netvm, "nat", "PR-QBS") == second)
+        wait_for("rules from the new file", lambda: fw(netvm, backend).dnat() == second)
     finally:
         proc.kill()
         proc.communicate()
 
 
-def test_watch_follows_etc_resolv_conf_by_default(netvm: Netns, conf_env: dict[str, str]) -> None:
+def test_watch_follows_etc_resolv_conf_by_default(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
     # /etc/resolv.conf is the namespace's file bind-mounted by ip netns exec:
     # only in-place writes reach it, so this also proves the file itself is watched.
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
@@ -456,10 +459,10 @@ def test_watch_follows_etc_resolv_conf_by_default(netvm: Netns, conf_env: dict[s
     )
     try:
         first = dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
-        wait_for("the first apply", lambda: chain_rules(netvm, "nat", "PR-QBS") == first)
+        wait_for("the first apply", lambda: fw(netvm, backend).dnat() == first)
         set_resolv_conf(netvm, f"nameserver {SERVER_B}\n")
         second = dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
-        wait_for("new rules", lambda: chain_rules(netvm, "nat", "PR-QBS") == second)
+        wait_for("new rules", lambda: fw(netvm, backend).dnat() == second)
     finally:
         proc.kill()
         proc.wait()

@@ -19,8 +19,8 @@ VM6 = "fd09:24ef:4179::a89:5"
 
 
 @pytest.fixture
-def netvm6(make_netns: NetnsFactory) -> Iterator[Netvm]:
-    with running_netvm(make_netns, CONF6) as env:
+def netvm6(make_netns: NetnsFactory, backend: str) -> Iterator[Netvm]:
+    with running_netvm(make_netns, CONF6, backend) as env:
         yield env
 
 
@@ -32,8 +32,8 @@ def test_dual_stack_online_adds_ipv6_route_neighbour_gateway_and_set_entry(netvm
     assert f"inet6 {GATEWAY6}/128" in ns.run("ip", "addr", "show", "vif4.0").stdout
     assert f"{VM6} lladdr 00:16:3e:5e:6c:00 PERMANENT" in ns.run("ip", "-6", "neigh", "show", "dev", "vif4.0").stdout
     assert ns.run("cat", "/proc/sys/net/ipv6/conf/vif4.0/proxy_ndp").stdout.strip() == "1"
-    assert netvm6.set_members("qbs-allowed6") == [f"{VM6},vif4.0"]
-    assert netvm6.set_members("qbs-downstream6") == [VM6]
+    assert netvm6.members(6, "allowed") == [f"vif4.0 . {VM6}"]
+    assert netvm6.members(6, "downstream") == [VM6]
 
 
 def test_dual_stack_online_twice_changes_nothing(netvm6: Netvm) -> None:
@@ -76,7 +76,7 @@ def test_ipv6_disabled_on_the_interface_keeps_ipv4_and_logs_the_skip_once(netvm6
     proc = netvm6.hotplug("online", 4)
     assert "10.137.0.5 dev vif4.0" in netvm6.ns.run("ip", "route").stdout
     assert VM6 not in netvm6.ns.run("ip", "-6", "route").stdout
-    assert netvm6.set_members("qbs-allowed6") == []
+    assert netvm6.members(6, "allowed") == []
     assert len([line for line in proc.stderr.splitlines() if "IPv6 disabled" in line]) == 1
     assert netvm6.status(4) == "connected"
 
@@ -94,8 +94,8 @@ def test_offline_removes_ipv6_state_after_ipv6_was_disabled(netvm6: Netvm) -> No
     netvm6.hotplug("online", 4)
     netvm6.ns.run("sysctl", "-qw", "net.ipv6.conf.vif4/0.disable_ipv6=1")
     assert netvm6.hotplug("offline", 4).returncode == 0
-    assert netvm6.set_members("qbs-allowed6") == []
-    assert netvm6.set_members("qbs-downstream6") == []
+    assert netvm6.members(6, "allowed") == []
+    assert netvm6.members(6, "downstream") == []
 
 
 def test_offline_after_the_link_vanished_removes_ipv6_set_members(netvm6: Netvm) -> None:
@@ -103,7 +103,7 @@ def test_offline_after_the_link_vanished_removes_ipv6_set_members(netvm6: Netvm)
     netvm6.hotplug("online", 4)
     netvm6.ns.run("ip", "link", "del", "vif4.0")
     assert netvm6.hotplug("offline", 4).returncode == 0
-    assert netvm6.set_members("qbs-allowed6") == []
+    assert netvm6.members(6, "allowed") == []
 
 
 def test_vm_ipv6_with_own_source_is_forwarded_and_forged_source_dropped(netvm6: Netvm) -> None:
@@ -149,8 +149,8 @@ def test_every_address_is_routed_and_allowed_not_only_the_first_of_each_family(n
     routes = netvm6.ns.run("ip", "route").stdout + netvm6.ns.run("ip", "-6", "route").stdout
     for addr in extra:
         assert f"{addr} dev vif4.0 proto static metric 32748" in routes
-    assert netvm6.set_members("qbs-allowed4") == ["10.137.0.5,vif4.0", "10.137.0.55,vif4.0"]
-    assert netvm6.set_members("qbs-allowed6") == [f"{VM6},vif4.0", "fd09:24ef:4179::a89:55,vif4.0"]
+    assert netvm6.members(4, "allowed") == ["vif4.0 . 10.137.0.5", "vif4.0 . 10.137.0.55"]
+    assert netvm6.members(6, "allowed") == [f"vif4.0 . {VM6}", "vif4.0 . fd09:24ef:4179::a89:55"]
     # One gateway per family, whatever the number of addresses.
     addrs = netvm6.ns.run("ip", "-o", "addr", "show", "vif4.0").stdout
     assert addrs.count(f"{GATEWAY}/32") == 1 and addrs.count(f"{GATEWAY6}/128") == 1

@@ -199,22 +199,44 @@ class Drift:
         return f"{self.step}: {self.detail}"
 
 
-def check(steps: Sequence[Step], host: Host) -> list[Drift]:
-    """Steps whose desired state the kernel does not hold. Changes nothing.
+def _setting_key(step: Step) -> tuple[object, ...] | None:
+    """What a ``set`` step sets (a later step for the same key decides the final value)."""
+    t = step.target
+    if step.op != "set":
+        return None
+    dev = getattr(t, "dev", None) if not hasattr(t, "key") else t.key
+    return (type(t), dev, getattr(t, "netns", None))
 
-    ``run`` steps (purges) have no lasting state and always hold.
+
+def check_all(steps: Sequence[Step], host: Host) -> list[tuple[Step, str | None]]:
+    """Every lasting step with what differs in the kernel (``None``: as wanted). Changes nothing.
+
+    ``run`` steps (purges) leave no state to compare. A setting a plan sets
+    twice (a link down before it moves, up after) is judged by its last value.
     """
-    out: list[Drift] = []
-    for step in steps:
+    last: dict[tuple[object, ...], int] = {}
+    for i, step in enumerate(steps):
+        key = _setting_key(step)
+        if key is not None:
+            last[key] = i
+    out: list[tuple[Step, str | None]] = []
+    for i, step in enumerate(steps):
+        key = _setting_key(step)
+        if step.op == "run" or (key is not None and last[key] != i):
+            continue
         try:
             detail = _check_one(step, _ops(step, host))
         except DeviceGone:
             detail = "device missing"
         except HotplugError as exc:
             detail = f"cannot read: {exc}"
-        if detail is not None:
-            out.append(Drift(step, detail))
+        out.append((step, detail))
     return out
+
+
+def check(steps: Sequence[Step], host: Host) -> list[Drift]:
+    """Steps whose desired state the kernel does not hold (see :func:`check_all`)."""
+    return [Drift(step, detail) for step, detail in check_all(steps, host) if detail is not None]
 
 
 def _check_one(step: Step, ops: Ops) -> str | None:

@@ -15,8 +15,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..kernel.firewall_backend import BackendName
+    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -52,5 +57,45 @@ def write_marker(settings: Settings, marker: Marker) -> None:
         log.warning("cannot record the firewall backend in %s: %s", path, exc.strerror)
 
 
-def other(name: str) -> str:
+def other(name: str) -> BackendName:
     return "iptables" if name == "nftables" else "nftables"
+
+
+def resolve_backend(settings: Settings, runtime: Runtime) -> BackendName:
+    """The backend an event uses, moving this package's state there first if the configuration changed.
+
+    A broken netvm.conf says nothing about the backend: the event then uses
+    the one that holds the state, so an offline still finds its elements.
+    """
+    from ..kernel.firewall_backend import choose_backend
+
+    marker = read_marker(settings)
+    if marker is not None and settings.conf_error is not None:
+        return "iptables" if marker.backend == "iptables" else "nftables"
+    chosen = choose_backend(settings.backend_choice, settings.path)
+    if marker is None:
+        write_marker(settings, Marker(chosen))
+    elif marker.backend != chosen:
+        log.warning("firewall backend changed from %s to %s: moving this package's state", marker.backend, chosen)
+        switch(settings, runtime, chosen, marker)
+    return chosen
+
+
+def switch(settings: Settings, runtime: Runtime, chosen: BackendName, marker: Marker) -> None:
+    """Install the state in ``chosen``, then remove it from the other backend."""
+    if marker.init:
+        from .init import initialize
+
+        initialize(settings, runtime, chosen)
+        return
+    from .reconcile import reconcile
+
+    xs = runtime.xenstore(settings)
+    try:
+        reconcile(settings, runtime.host(settings, chosen), xs, runtime.qubesdb(settings))
+    finally:
+        xs.close()
+    former = runtime.host(settings, other(chosen)).firewall
+    if former.owns_state():
+        former.remove_all()
+    write_marker(settings, Marker(chosen))

@@ -123,11 +123,12 @@ def apply_dns(
         log.info("%s", _chained_summary(unchanged))
     if not mapped and not unchanged:
         log.warning("no upstream nameserver in %s: DNS queries to %s are rejected", upstreams.source, _addrs(virtual))
-    _forget_flows(virtual)
+    forget_flows(virtual)
     return EXIT_CHANGED
 
 
-def _forget_flows(virtual: Sequence[IPv4Address]) -> None:
+def forget_flows(virtual: Sequence[IPv4Address]) -> None:
+    """Delete conntrack entries to the virtual resolvers (their DNAT changed). Never raises."""
     from ..kernel.conntrack import purge_conntrack
 
     try:

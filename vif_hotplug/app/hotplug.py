@@ -123,7 +123,7 @@ def _online(
                 rename_from = event.dev
             elif host.exists(dev) and host.alias(dev) != event.dev:
                 raise InvalidInput(f"invalid vifname {dev!r}: another device already has that name")
-        facts = host.link_facts(rename_from or dev)
+        facts = host.link_facts(rename_from or dev, defaults_wanted=False)
         if not facts.exists:
             raise KernelError(f"device {dev} does not exist")
         already = frozenset(
@@ -215,5 +215,15 @@ def _with_connected(plan: Plan, connected: Connected | None, host: HotplugHost, 
 def _log_plan(plan: Plan) -> None:
     for note in plan.notes:
         log.warning("%s: %s", plan.dev, note)
-    for line in plan.lines():
-        log.debug("%s: plan: %s", plan.dev, line)
+    # One record: the formatters start each of its lines with the vif.
+    log.debug("%s", _PlanLines(plan))
+
+
+class _PlanLines:
+    """The plan as debug lines, formatted only if a handler wants them."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self._plan.dev}: plan: {line}" for line in self._plan.lines())

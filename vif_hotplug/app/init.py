@@ -3,32 +3,42 @@
 In order, each step idempotent:
 
 1. the whole firewall (:func:`vif_hotplug.core.plan_base.base_ruleset`),
-   the DNS guard for DNS1/DNS2 (so no VM's query leaks out of the uplink
-   before the first resolver is known) and the connected addresses, then
-   forwarding on: firewall first, fail closed;
-2. the DNS tool's logic once (upstreams read, DNAT in place);
-3. when the firewall backend changed, this package's objects in the other
-   backend removed, only now that the new anti-spoofing is in place;
-4. ``reconcile``: every vif XenStore lists as online and whose device exists
+   the DNS rules (so no VM's query leaks out of the uplink before the first
+   resolver is known) and the connected addresses, then forwarding on:
+   firewall first, fail closed.
+   The DNS rules are the DNS tool's, for the upstreams read now (DNS1/DNS2
+   only rejected when they cannot be read);
+2. ``reconcile``: every vif XenStore lists as online and whose device exists
    is brought to its desired state, and what this package holds for vifs
    that are gone is removed, so a netvm that restarts its networking comes
-   back whole.
+   back whole;
+3. when the firewall backend changed, this package's objects in the other
+   backend removed, only now that the new anti-spoofing is in place.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..core.errors import HotplugError, InvalidInput, XenStoreUnavailable
+from ..core.firewall import Ruleset
 from ..core.model import NetvmParams, Plan, Step
 from ..core.netvm_params import Reader, resolve_connected, resolve_params
 from ..core.plan_base import families_of, plan_base, plan_stop
 from ..core.plan_connected import connected_steps
-from ..core.plan_dns import plan_guard_ruleset
+from ..core.plan_dns import plan_dns_ruleset, plan_guard_ruleset
 from .applier import Applied, StepHook, apply_all_or_nothing
+from .backend_state import Marker, other, read_marker, write_marker
+from .dns import forget_flows
 from .ports import HotplugHost
 from .settings import Settings
+from .upstreams import read_upstreams
+
+if TYPE_CHECKING:
+    from ..kernel.firewall_backend import BackendName
+    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +57,34 @@ def netvm_params(settings: Settings, qubesdb: Reader | None, xenstore: Reader | 
         return NetvmParams()
 
 
+def dns_ruleset(params: NetvmParams, resolv_conf: str | None) -> Ruleset | None:
+    """The DNS tool's rules for now, or DNS1/DNS2 only rejected when the upstreams cannot be read."""
+    if not params.virtual_dns:
+        return None
+    try:
+        upstreams = read_upstreams(params.virtual_dns, resolv_conf)
+    except HotplugError as exc:
+        log.warning("%s: DNS1/DNS2 rejected until qubes-setup-dnat-to-ns succeeds", exc)
+        return plan_guard_ruleset(params.virtual_dns)
+    return plan_dns_ruleset(params.virtual_dns, upstreams.servers, chained_to=upstreams.virtual_listed)
+
+
 def plan_init(
     params: NetvmParams, ipv6_in_kernel: bool, host: HotplugHost, settings: Settings, qubesdb: Reader | None,
-    xenstore: Reader | None,
+    xenstore: Reader | None, dns: Ruleset | None,
 ) -> Plan:
-    """The firewall, the DNS guard, the connected sets and the forwarding sysctls, in order."""
+    """The firewall, the DNS rules, the connected sets and the forwarding sysctls, in order.
+
+    The DNS rules go in before forwarding does: a VM's query to DNS1/DNS2 is
+    never forwarded out of the uplink as it is.
+    """
     base = plan_base(params.ipv6, ipv6_in_kernel)
     steps = list(base.steps)
     notes = list(base.notes)
-    if params.virtual_dns:
-        # Before forwarding goes on (the sysctls come last in ``base``).
-        steps.insert(1, Step("ensure", plan_guard_ruleset(params.virtual_dns)))
+    if dns is not None:
+        steps.insert(1, Step("ensure", dns))
     else:
-        notes.append("no virtual DNS resolvers configured: no DNS guard")
+        notes.append("no virtual DNS resolvers configured: no DNS rules")
     try:
         connected = resolve_connected(settings.conf, qubesdb, xenstore)
     except XenStoreUnavailable:
@@ -80,9 +105,50 @@ def stop(host: HotplugHost, ipv6_in_kernel: bool) -> int:
     return len(apply_all_or_nothing(plan_stop(ipv6_in_kernel), host, "stop").changed)
 
 
-def run_dns_once(apply: Callable[[], int]) -> None:
-    """The DNS tool's logic after init; its failure leaves the guard in place and is only logged."""
+@dataclass(frozen=True)
+class InitResult:
+    #: 0, or 1 when netvm.conf is broken (the firewall then went in with IPv6 off).
+    status: int
+    changes: int
+    plan: Plan
+
+
+def initialize(
+    settings: Settings, runtime: Runtime, backend: BackendName, *, dry_run: bool = False,
+    on_step: StepHook | None = None, resolv_conf: str | None = None,
+) -> InitResult:
+    """The whole of ``init`` on firewall ``backend`` (see the module docstring). Raises ``HotplugError``."""
+    from ..kernel.sysctl import kernel_has_ipv6
+    from .reconcile import reconcile
+
+    status = 0
+    xs = runtime.xenstore(settings)
+    qubesdb = runtime.qubesdb(settings)
     try:
-        apply()
-    except HotplugError as exc:
-        log.warning("DNS DNAT not set up: %s (DNS1/DNS2 stay rejected until qubes-setup-dnat-to-ns succeeds)", exc)
+        try:
+            params = netvm_params(settings, qubesdb, xs.read)
+        except InvalidInput as exc:
+            log.error("%s: applying with IPv6 off", exc)
+            params, status = NetvmParams(), 1
+        host = runtime.host(settings, backend)
+        plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read,
+                         dns_ruleset(params, resolv_conf))
+        for note in plan.notes:
+            log.info("%s", note)
+        if dry_run:
+            return InitResult(status, 0, plan)
+        applied = apply_init(plan, host, on_step)
+        changes = len(applied.changed)
+        if any(s.target.what == "dns" for s in applied.changed if isinstance(s.target, Ruleset)):
+            forget_flows(params.virtual_dns)
+        changes += reconcile(settings, host, xs, qubesdb).changes
+        # Only now that the new anti-spoofing holds every vif: the old one goes.
+        former = runtime.host(settings, other(backend)).firewall
+        old = read_marker(settings)
+        if (old is None or old.backend != backend) and former.owns_state() and former.remove_all():
+            log.info("removed this package's firewall objects from %s", former.name)
+            changes += 1
+        write_marker(settings, Marker(backend, init=True))
+    finally:
+        xs.close()
+    return InitResult(status, changes, plan)

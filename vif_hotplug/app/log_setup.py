@@ -40,9 +40,10 @@ def own_or_warning(record: logging.LogRecord) -> bool:
 
 
 def tagged(tag: str | None, message: str) -> str:
-    if tag and not message.startswith(f"{tag}:"):
-        return f"{tag}: {message}"
-    return message
+    """``message`` with every line starting ``tag:`` (a plan is logged as one multi-line record)."""
+    if not tag:
+        return message
+    return "\n".join(line if line.startswith(f"{tag}:") else f"{tag}: {line}" for line in message.split("\n"))
 
 
 #: The vif (or other tag) of the event this thread works on, for the system log.
@@ -50,13 +51,17 @@ current_tag: contextvars.ContextVar[str | None] = contextvars.ContextVar("vif_ho
 
 
 class _TagFormatter(logging.Formatter):
-    def __init__(self, fmt: str, tag: Callable[[], str | None]) -> None:
-        super().__init__(fmt)
+    """Every line of a record starts with the program, and the tag when there is one."""
+
+    def __init__(self, prefix: str, tag: Callable[[], str | None], timestamp: bool = False) -> None:
+        super().__init__()
+        self._prefix = prefix
         self._tag = tag
+        self._timestamp = timestamp
 
     def format(self, record: logging.LogRecord) -> str:
-        record.message_tagged = tagged(self._tag(), record.getMessage())
-        return super().format(record)
+        prefix = f"{self.formatTime(record)} {self._prefix}" if self._timestamp else self._prefix
+        return "\n".join(prefix + line for line in tagged(self._tag(), record.getMessage()).split("\n"))
 
 
 def system_handlers(ident: str) -> list[logging.Handler]:
@@ -65,15 +70,14 @@ def system_handlers(ident: str) -> list[logging.Handler]:
     if os.path.exists("/dev/log"):
         try:
             syslog = logging.handlers.SysLogHandler(address="/dev/log")
-            syslog.setFormatter(_TagFormatter(f"{ident}[{os.getpid()}]: %(message_tagged)s", current_tag.get))
+            syslog.setFormatter(_TagFormatter(f"{ident}[{os.getpid()}]: ", current_tag.get))
             out.append(syslog)
         except OSError:
             pass
     if os.path.isdir(os.path.dirname(XEN_LOG)):
         try:
             fileh = logging.FileHandler(XEN_LOG)
-            fileh.setFormatter(_TagFormatter(f"%(asctime)s {ident}[{os.getpid()}]: %(message_tagged)s",
-                                             current_tag.get))
+            fileh.setFormatter(_TagFormatter(f"{ident}[{os.getpid()}]: ", current_tag.get, timestamp=True))
             out.append(fileh)
         except OSError:
             pass
@@ -93,7 +97,7 @@ class ProcessLogs:
         root.setLevel(logging.DEBUG)
         self._stderr = logging.StreamHandler(sys.stderr)
         self._stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
-        self._stderr.setFormatter(_TagFormatter(f"{ident}: %(message_tagged)s", current_tag.get))
+        self._stderr.setFormatter(_TagFormatter(f"{ident}: ", current_tag.get))
         self._stderr.addFilter(own_or_warning)
         root.addHandler(self._stderr)
         for h in system_handlers(ident):

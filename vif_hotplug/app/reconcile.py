@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import AbstractContextManager
 import re
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from ..core.errors import HotplugError, InvalidInput
@@ -35,7 +35,7 @@ from ..core.validation import VifId, parse_vm_addresses, parse_xenbus_path
 from ..kernel.locks import file_lock
 from ..kernel.netns import NETNS_DIR
 from ..xenstore_env import HotplugEvent, XenStoreTree
-from .applier import apply_best_effort
+from .applier import apply_all_or_nothing, apply_best_effort
 from .hooks import run_hooks
 from .hotplug import handle_event
 from .ports import NetvmHost
@@ -75,9 +75,16 @@ def online_vifs(xs: XenStoreTree) -> list[VifId]:
 
 def reconcile(
     settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, *, dry_run: bool = False,
+    base: bool = False,
 ) -> ReconcileResult:
-    """Bring every vif to its desired state and remove what belongs to vifs that are gone."""
+    """Bring every vif to its desired state and remove what belongs to vifs that are gone.
+
+    ``base``: ``init`` ran on this netvm, so its firewall, DNS rules and
+    forwarding are part of the desired state too.
+    """
     result = ReconcileResult()
+    if base:
+        _reconcile_base(settings, host, xs, qubesdb, dry_run, result)
     def lock() -> AbstractContextManager[None]:
         return file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock")
 
@@ -120,6 +127,23 @@ def reconcile(
         if outcome.exit_code != 0:
             result.errors.append(f"{dev}: {outcome.error}")
     return result
+
+
+def _reconcile_base(
+    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, dry_run: bool,
+    result: ReconcileResult,
+) -> None:
+    from ..kernel.sysctl import kernel_has_ipv6
+    from .init import dns_ruleset, netvm_params, plan_init
+
+    try:
+        params = netvm_params(settings, qubesdb, xs.read)
+        plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read, dns_ruleset(params, None))
+        result.plans.append(plan)
+        if not dry_run:
+            result.changes += len(apply_all_or_nothing(plan.steps, host, "reconcile").changed)
+    except HotplugError as exc:
+        result.errors.append(f"netvm firewall: {exc}")
 
 
 def _device(host: NetvmHost, xs: XenStoreTree, vif: VifId) -> str | None:

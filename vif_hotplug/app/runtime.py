@@ -30,9 +30,10 @@ class Runtime:
         self._lock = threading.Lock()
 
     def backend_name(self, settings: Settings) -> BackendName:
-        from ..kernel.firewall_backend import choose_backend
+        """The backend to use now (see :func:`vif_hotplug.app.backend_state.resolve_backend`)."""
+        from .backend_state import resolve_backend
 
-        name = choose_backend(settings.backend_choice, settings.path)
+        name = resolve_backend(settings, self)
         log.debug("firewall backend: %s (configured: %s)", name, settings.backend_choice)
         return name
 

@@ -8,6 +8,7 @@ need.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from ipaddress import ip_network
 
 from ..app.applier import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
@@ -89,7 +90,8 @@ class KernelHost:
         link = self._rtnl.link(dev)
         return None if link is None else link.alias
 
-    def link_facts(self, dev: str) -> LinkFacts:
+    def link_facts(self, dev: str, defaults_wanted: bool = True) -> LinkFacts:
+        """What planning needs to know of ``dev``; ``defaults`` (what offline restores) costs 14 reads."""
         exists = self._rtnl.link(dev) is not None
         in_kernel = kernel_has_ipv6(self._proc_sys)
         disabled = not in_kernel
@@ -97,11 +99,12 @@ class KernelHost:
             for scope in ("all", dev):
                 disabled = disabled or read_sysctl(f"net/ipv6/conf/{scope}/disable_ipv6", None, self._proc_sys) == "1"
         defaults = []
-        for key in RESTORED_SYSCTLS:
+        for key in RESTORED_SYSCTLS if defaults_wanted else ():
             family, name = key.split("/")
             value = read_sysctl(f"net/{family}/conf/default/{name}", None, self._proc_sys)
             defaults.append((key, value if value is not None else "0"))
-        return LinkFacts(exists, disabled, in_kernel, netns_exists(nat_netns(dev)), tuple(defaults))
+        facts = LinkFacts(exists, disabled, in_kernel, netns_exists(nat_netns(dev)))
+        return replace(facts, sysctl_defaults=tuple(defaults)) if defaults_wanted else facts
 
     def group_members(self, group: int) -> list[str]:
         return sorted(link.name for link in self._rtnl.links() if link.group == group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import re
+import socket
 from collections.abc import Callable
 from ipaddress import ip_network
 
@@ -113,8 +114,8 @@ class Links:
         if link is None:
             return False
         net = ip_network(r.destination)
-        found = rtnl.route_lookup(str(net.network_address), oif=link.index)
-        return found is not None and found.oif == link.index and found.dst_len == net.prefixlen
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        return (str(net), r.metric) in rtnl.routes(link.index, family)
 
     def add_route(self, r: Route) -> bool:
         link = self._link(r.dev, r.netns, r)

@@ -288,6 +288,33 @@ class Rtnl:
         else:
             self._request(RTM_DELROUTE, 0, body)
 
+    def routes(self, oif: int, family: int) -> list[tuple[str, int]]:
+        """(destination/prefix, metric) of the main table's routes through ``oif``.
+
+        A dump the kernel filters by interface (strict checking), so it costs
+        one vif's worth of messages whatever the number of VMs.
+        """
+        body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0) + _attr(RTA_OIF, _u32(oif))
+        out: list[tuple[str, int]] = []
+        for kind, payload in self._request(RTM_GETROUTE, NLM_F_DUMP, body):
+            fam, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(payload)
+            if kind != RTM_NEWROUTE or table != RT_TABLE_MAIN:
+                continue
+            dst, metric, found_oif = None, 0, None
+            for t, v in _attrs(payload, _RTMSG.size):
+                if t == RTA_DST:
+                    dst = ip_address(v)
+                elif t == RTA_PRIORITY:
+                    metric = struct.unpack_from("=I", v)[0]
+                elif t == RTA_OIF:
+                    found_oif = struct.unpack_from("=I", v)[0]
+            if found_oif != oif:
+                continue
+            if dst is None:
+                dst = ip_address("::" if fam == socket.AF_INET6 else "0.0.0.0")
+            out.append((f"{dst}/{dst_len}", metric))
+        return out
+
     def route_lookup(self, address: str, oif: int | None = None, fib_match: bool = True) -> RouteInfo | None:
         """The route the kernel would use for ``address`` (through ``oif`` if given).
 

@@ -1,11 +1,17 @@
 """``vif-hotplug lab``: the whole system in network namespaces, proven with real traffic.
 
-Builds an uplink (two real resolvers, a probe server), a netvm and N VMs
-(:mod:`vif_hotplug.lab_topology`), starts the embedded XenStore, writes what
-libxl would, runs ``vif-hotplug init``, ``qubes-setup-dnat-to-ns`` and
-``vif-route-qubes online`` inside the netvm exactly as the toolstack would,
-then runs the checks of :mod:`vif_hotplug.lab_checks` and prints their table
-(or JSON). Exit status 0 only if every check passed.
+Builds an uplink (two real resolvers, a probe server) and a netvm
+(:mod:`vif_hotplug.lab.topology`), starts the embedded XenStore, runs
+``vif-hotplug init --backend B`` and ``qubes-setup-dnat-to-ns`` in the
+netvm, then starts N VMs as libxl and netback would (XenStore entries, a
+``vifD.0`` veth) and runs ``vif-route-qubes online`` for each exactly as the
+toolstack does. Then it runs the checks of :mod:`vif_hotplug.lab.checks` and
+prints their table (or JSON). Exit status 0 only if every check passed.
+
+Every tool of this package it runs uses the firewall backend chosen with
+``--backend`` (in the lab's netvm.conf and on ``init``'s command line), a
+private state directory, locks and netvm.conf in the lab's tmpdir, and no
+resident agent (:func:`~vif_hotplug.lab.topology.tool_overrides`).
 
 Everything it creates is listed in a state file under
 :data:`STATE_DIR` before it is created, and removed on success, failure,
@@ -28,19 +34,24 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from .lab_checks import Checker, CheckResult, Tools, format_table, poll, to_json
-from .lab_topology import (
+from ..core.errors import HotplugError
+from ..kernel.firewall_backend import BACKEND_CHOICES, BackendName, choose_backend
+from ..xen.xenstore_client import XenStore
+from .checks import Checker, CheckResult, FirewallTools, Tools, format_table, poll, to_json
+from .topology import (
     ANSWER_A,
     ANSWER_B,
     DNS1,
     DNS2,
     GATEWAY,
+    NETVM_HOME,
     PREFIX,
     PROBE_PORT,
     RESOLVER_A,
@@ -54,12 +65,15 @@ from .lab_topology import (
     hotplug_env,
     netvm_commands,
     netvm_conf,
+    netvm_xenstore_entries,
     plan_topology,
     resolv_conf,
     tool_env,
+    tool_overrides,
     uplink_commands,
+    vif_commands,
     vm_commands,
-    xenstore_entries,
+    vm_xenstore_entries,
 )
 
 log = logging.getLogger(__name__)
@@ -70,16 +84,19 @@ NETNS_ETC = "/etc/netns"
 STARTUP_TIMEOUT = 10.0
 STOP_TIMEOUT = 3.0
 DNAT_CHANGED, DNAT_UNCHANGED = 0, 100
+DNAT_MEANING = {DNAT_CHANGED: "changed", DNAT_UNCHANGED: "unchanged"}
 
 #: (program, Debian package that ships it)
 REQUIRED_TOOLS = (
     ("ip", "iproute2"),
     ("dnsmasq", "dnsmasq-base"),
     ("dig", "dnsutils"),
-    ("ipset", "ipset"),
-    ("iptables-legacy-save", "iptables"),
-    ("ip6tables-legacy-save", "iptables"),
 )
+#: What reads each backend's firewall (the checks' counters and set members).
+BACKEND_TOOLS: dict[BackendName, tuple[tuple[str, str], ...]] = {
+    "nftables": (("nft", "nftables"),),
+    "iptables": (("iptables-legacy-save", "iptables"), ("ip6tables-legacy-save", "iptables"), ("ipset", "ipset")),
+}
 ENTRY_POINTS = ("vif-hotplug", "vif-route-qubes", "qubes-setup-dnat-to-ns")
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin", "/bin")
 
@@ -131,24 +148,35 @@ class LabState:
         )
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/PID/stat`` (clock ticks since boot), or ``None`` if gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (field 3 on), or ``None`` if gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             stat = f.read()
     except OSError:
         return None
     # The command name is in parentheses and may contain spaces: split after it.
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat`` (clock ticks since boot), or ``None`` if gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def _reap(pid: int) -> bool:
-    """Whether ``pid`` is gone (reaping it if it is our zombie child)."""
+    """Whether ``pid`` is gone (reaping it if it is our zombie child).
+
+    A process of a kept lab is no longer our child when ``--down`` stops it:
+    it has exited once it is a zombie, whenever its new parent reaps it.
+    """
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return True
-    return not os.path.exists(f"/proc/{pid}")
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def stop_process(pid: int, start: int | None, what: str) -> None:
@@ -212,15 +240,15 @@ def find_program(name: str, path: str | None) -> str | None:
     return None
 
 
-def find_tools(env: Mapping[str, str]) -> tuple[Tools | None, list[str]]:
-    """Every program the lab needs, or the list of what is missing (naming Debian packages).
+def find_tools(env: Mapping[str, str], backend: BackendName) -> tuple[Tools | None, list[str]]:
+    """Every program the lab needs with ``backend``, or the list of what is missing (naming Debian packages).
 
     This package's own entry points are taken from next to ``sys.executable``:
     the lab tests the installation it runs from, never another one on PATH.
     """
     missing: list[str] = []
     found: dict[str, str] = {}
-    for name, package in REQUIRED_TOOLS:
+    for name, package in REQUIRED_TOOLS + BACKEND_TOOLS[backend]:
         path = find_program(name, env.get("PATH"))
         if path is None:
             missing.append(f"{name} (Debian package {package})")
@@ -235,17 +263,22 @@ def find_tools(env: Mapping[str, str]) -> tuple[Tools | None, list[str]]:
             found[name] = str(entry)
     if missing:
         return None, missing
+    defaults = FirewallTools()
+    firewall = FirewallTools(
+        nft=found.get("nft", defaults.nft),
+        iptables_save=found.get("iptables-legacy-save", defaults.iptables_save),
+        ip6tables_save=found.get("ip6tables-legacy-save", defaults.ip6tables_save),
+        ipset=found.get("ipset", defaults.ipset),
+    )
     return (
         Tools(
             ip=found["ip"],
             dnsmasq=found["dnsmasq"],
             dig=found["dig"],
-            ipset=found["ipset"],
-            iptables_save=found["iptables-legacy-save"],
-            ip6tables_save=found["ip6tables-legacy-save"],
             vif_hotplug=found["vif-hotplug"],
             vif_route=found["vif-route-qubes"],
             dnat=found["qubes-setup-dnat-to-ns"],
+            firewall=firewall,
         ),
         [],
     )
@@ -255,7 +288,7 @@ def find_tools(env: Mapping[str, str]) -> tuple[Tools | None, list[str]]:
 
 
 class NetnsShell:
-    """:class:`~vif_hotplug.lab_checks.Shell` that runs everything through ``ip netns exec``."""
+    """:class:`~vif_hotplug.lab.checks.Shell` that runs everything through ``ip netns exec``."""
 
     def __init__(self, ip: str) -> None:
         self.ip = ip
@@ -296,17 +329,23 @@ class NetnsShell:
 class Lab:
     """One lab run: creates the topology, keeps :class:`LabState` current, runs the checks."""
 
-    def __init__(self, topo: Topology, tools: Tools, state: LabState, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, topo: Topology, tools: Tools, state: LabState, env: Mapping[str, str], backend_choice: str,
+        backend: BackendName,
+    ) -> None:
         self.topo = topo
         self.tools = tools
         self.state = state
         self.shell = NetnsShell(tools.ip)
         self.env = dict(env)
+        #: What the tools are told (``auto`` included) and what that means on this host.
+        self.backend_choice = backend_choice
+        self.backend = backend
         self.paths = LabPaths(state.tmpdir)
         self.results: list[CheckResult] = []
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
-        self.checker = Checker(topo, self.shell, tools, lambda: f"{topo.lab_id}-{secrets.token_hex(4)}")
+        self.checker = Checker(topo, self.shell, tools, backend, lambda: f"{topo.lab_id}-{secrets.token_hex(4)}")
 
     def record(self, result: CheckResult) -> CheckResult:
         self.results.append(result)
@@ -316,7 +355,7 @@ class Lab:
     # --- building ---------------------------------------------------------------
 
     def build(self) -> None:
-        """Namespaces, links, addresses, servers, XenStore content. Raises :class:`LabError`."""
+        """Namespaces, the uplink and the netvm (no VM yet), servers, XenStore. Raises :class:`LabError`."""
         topo = self.topo
         log.info("creating namespaces %s-%s-*", PREFIX, topo.lab_id)
         for ns in topo.namespaces:
@@ -328,14 +367,22 @@ class Lab:
         self._write_netns_file(topo.netvm_ns, "resolv.conf", resolv_conf((RESOLVER_A,)))
         for vm in topo.vms:
             self._write_netns_file(vm.ns, "resolv.conf", resolv_conf((DNS1, DNS2)))
-        log.info("wiring uplink, netvm and %d VM(s)", len(topo.vms))
-        steps = netvm_commands(topo) + uplink_commands(topo)
-        for vm in topo.vms:
-            steps += vm_commands(vm)
-        for ns, argv in steps:
+        log.info("wiring uplink and netvm")
+        for ns, argv in netvm_commands(topo) + uplink_commands(topo):
             self.shell.must(ns, argv)
+        os.makedirs(self.paths.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.paths.hooks_dir, exist_ok=True)
         self._start_servers()
-        self._fill_xenstore()
+        self._write_conf()
+        log.info("writing the netvm parameters to XenStore")
+        self._xenstore_write(netvm_xenstore_entries(topo.ipv6))
+
+    def start_vm(self, vm: Vm) -> None:
+        """What libxl and netback do when ``vm`` starts, and the VM's own set-up. Raises :class:`LabError`."""
+        log.info("starting %s: backend entries, %s, its network set-up", vm.name, vm.vif)
+        self._xenstore_write(vm_xenstore_entries(vm, f"{self.topo.lab_id}-{vm.name}"))
+        for ns, argv in vif_commands(self.topo.netvm_ns, vm) + vm_commands(vm):
+            self.shell.must(ns, argv)
 
     def _write_netns_file(self, ns: str, name: str, text: str) -> None:
         """``ip netns exec`` bind-mounts ``/etc/netns/NS/NAME`` over ``/etc/NAME``."""
@@ -353,15 +400,18 @@ class Lab:
         It gets its own session, so a Ctrl-C meant for the lab (or the end of
         the terminal of a kept lab) does not kill it behind the lab's back.
         """
-        logf = open(os.path.join(self.paths.tmpdir, f"{what}.log"), "wb")
+        logf = open(os.path.join(self.paths.tmpdir, f"{what}.log"), "wb")  # closed in close_logs()
         self._logs.append(logf)
-        p = subprocess.Popen(
-            [self.tools.ip, "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=subprocess.STDOUT, start_new_session=True, env=None if env is None else dict(env),
-        )
-        self.children[what] = p
-        self.state.processes.append({"pid": p.pid, "start": process_start_time(p.pid), "what": what})
-        self.state.save()
+        # Started and recorded, or neither: an interruption in between would
+        # leave a child that teardown does not know.
+        with _GUARD.deferred():
+            p = subprocess.Popen(
+                [self.tools.ip, "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True, env=None if env is None else dict(env),
+            )
+            self.children[what] = p
+            self.state.processes.append({"pid": p.pid, "start": process_start_time(p.pid), "what": what})
+            self.state.save()
         log.info("started %s in %s (pid %d)", what, ns, p.pid)
 
     def _wait(self, what: str, ready: Callable[[], bool]) -> None:
@@ -371,6 +421,10 @@ class Lab:
             tail = Path(self.paths.tmpdir, f"{what}.log").read_text(errors="replace").strip().splitlines()[-3:]
             state = f"exited {child.returncode}" if child.poll() is not None else "not ready"
             raise LabError(f"{what} {state}: {' | '.join(tail)}")
+
+    def _resolves(self, resolver: IPv4Address) -> bool:
+        argv = (self.tools.dig, "+short", "+tries=1", "+time=1", f"@{resolver}", TEST_NAME)
+        return bool(self.shell.run(self.topo.uplink_ns, argv).stdout.strip())
 
     def _start_servers(self) -> None:
         up, t = self.topo.uplink_ns, self.tools
@@ -384,30 +438,25 @@ class Lab:
         self.spawn(up, t.probe("serve", "--port", str(PROBE_PORT)), "probe-server")
         self.spawn(self.topo.netvm_ns, (t.vif_hotplug, "xenstored", "--socket", self.paths.xenstore_socket),
                    "xenstored", env=tool_env(self.paths, self.env))
-        for what, addr in (("dnsmasq-a", RESOLVER_A), ("dnsmasq-b", RESOLVER_B)):
-            self._wait(what, lambda a=addr: bool(self.shell.run(  # type: ignore[misc]
-                up, (t.dig, "+short", "+tries=1", "+time=1", f"@{a}", TEST_NAME)).stdout.strip()))
+        self._wait("dnsmasq-a", lambda: self._resolves(RESOLVER_A))
+        self._wait("dnsmasq-b", lambda: self._resolves(RESOLVER_B))
         self._wait("probe-server", lambda: "ready" in Path(self.paths.tmpdir, "probe-server.log").read_text())
         self._wait("xenstored", lambda: _accepts(self.paths.xenstore_socket))
 
-    def _xenstore(self) -> Any:
-        from .xenstore_client import XenStore
+    def _xenstore(self) -> XenStore:
+        return XenStore(("unix", self.paths.xenstore_socket))
 
-        return XenStore({"XENSTORED_PATH": self.paths.xenstore_socket})
-
-    def _fill_xenstore(self) -> None:
-        from .errors import HotplugError
-
+    def _write_conf(self) -> None:
         # QubesDB, when the host has it, comes before XenStore and would hand
         # the tools the host's values: then the lab's go in netvm.conf too.
         qubesdb = find_program("qubesdb-read", self.env.get("PATH")) is not None
-        os.makedirs(self.paths.hooks_dir, exist_ok=True)
         with open(self.paths.conf, "w", encoding="utf-8") as f:
-            f.write(netvm_conf(self.topo, self.paths.hooks_dir, with_params=qubesdb))
-        log.info("writing backend entries and netvm parameters to XenStore")
+            f.write(netvm_conf(self.topo.ipv6, self.paths.hooks_dir, self.backend_choice, with_params=qubesdb))
+
+    def _xenstore_write(self, entries: Sequence[tuple[str, str]]) -> None:
         try:
             with self._xenstore() as xs:
-                for path, value in xenstore_entries(self.topo):
+                for path, value in entries:
                     xs.write(path, value)
         except HotplugError as exc:
             raise LabError(f"XenStore: {exc}") from exc
@@ -423,46 +472,54 @@ class Lab:
         return self.shell.run(self.topo.netvm_ns, argv, env=env, timeout=60.0)
 
     def init(self) -> CheckResult:
-        log.info("vif-hotplug init in the netvm")
-        proc = self.run_tool((self.tools.vif_hotplug, "init"), tool_env(self.paths, self.env))
-        return self.record(CheckResult("vif-hotplug init", "-", proc.returncode == 0, _outcome(proc)))
+        log.info("vif-hotplug init --backend %s in the netvm", self.backend_choice)
+        argv = (self.tools.vif_hotplug, "init", "--backend", self.backend_choice)
+        proc = self.run_tool(argv, tool_env(self.paths, self.env))
+        detail = f"{_outcome(proc)}; firewall {self.backend}"
+        return self.record(CheckResult(f"vif-hotplug init --backend {self.backend_choice}", "-",
+                                       proc.returncode == 0, detail))
 
-    def dnat(self, check: str, expect: int) -> CheckResult:
+    def dnat(self, check: str, expect: Collection[int]) -> CheckResult:
         # The D-Bus socket is not per network namespace: asking systemd-resolved
         # would give the host's servers. The netvm's resolv.conf is the uplink here.
         proc = self.run_tool((self.tools.dnat, "--resolv-conf", "/etc/resolv.conf"), tool_env(self.paths, self.env))
-        detail = f"exit {proc.returncode} (expected {expect})"
+        shown = " or ".join(f"{code} ({DNAT_MEANING[code]})" for code in sorted(expect))
+        detail = f"exit {proc.returncode} (expected {shown})"
         err = proc.stderr.strip().splitlines()
-        if proc.returncode not in (DNAT_CHANGED, DNAT_UNCHANGED) and err:
+        if proc.returncode not in DNAT_MEANING and err:
             detail += f": {err[-1]}"
-        return self.record(CheckResult(check, "-", proc.returncode == expect, detail))
+        return self.record(CheckResult(check, "-", proc.returncode in expect, detail))
 
     def hotplug(self, vm: Vm, command: str, prefix: str = "") -> CheckResult:
         log.info("vif-route-qubes %s type_if=vif for %s", command, vm.vif)
         proc = self.run_tool((self.tools.vif_route, command, "type_if=vif"), hotplug_env(vm, self.paths, self.env))
         if command != "online":
             return self.record(CheckResult(f"{prefix}{command}: exit 0", vm.name, proc.returncode == 0, _outcome(proc)))
-        from .errors import HotplugError
-
         status = error = None
         try:
             with self._xenstore() as xs:
-                status = xs.read(f"{vm.xenbus_path}/hotplug-status")
-                error = xs.read(f"{vm.xenbus_path}/hotplug-error")
+                status = xs.read(f"{NETVM_HOME}/{vm.xenbus_path}/hotplug-status")
+                error = xs.read(f"{NETVM_HOME}/{vm.xenbus_path}/hotplug-error")
         except HotplugError as exc:
             error = str(exc)
         ok = proc.returncode == 0 and status == "connected"
         detail = f"exit {proc.returncode}, hotplug-status={status}" + (f", hotplug-error={error}" if error else "")
+        if proc.returncode != 0:
+            detail += f" ({_outcome(proc)})"
         return self.record(CheckResult(f"{prefix}online: hotplug-status connected", vm.name, ok, detail))
 
     # --- the scenario --------------------------------------------------------------
 
     def scenario(self) -> None:
-        """Build, bring every VM online, run every check. Rows accumulate in ``results``."""
+        """Build, init, start and bring every VM online, run every check. Rows accumulate in ``results``."""
         topo, c = self.topo, self.checker
         self.build()
-        if not self.init().ok or not self.dnat("qubes-setup-dnat-to-ns", DNAT_CHANGED).ok:
+        # A driver domain sets itself up before any VM starts; init also runs
+        # the DNS tool's logic, so the DNS tool may find nothing to change.
+        if not self.init().ok or not self.dnat("qubes-setup-dnat-to-ns", (DNAT_CHANGED, DNAT_UNCHANGED)).ok:
             return
+        for vm in topo.vms:
+            self.start_vm(vm)
         online = [vm for vm in topo.vms if self.hotplug(vm, "online").ok]
         if len(online) != len(topo.vms):
             return
@@ -479,7 +536,10 @@ class Lab:
                 self.record(c.tcp_nat(vm, 6))
         if len(topo.vms) > 1:
             for i, vm in enumerate(topo.vms):
-                self.record(c.no_vm_to_vm(vm, topo.vms[(i + 1) % len(topo.vms)]))
+                other = topo.vms[(i + 1) % len(topo.vms)]
+                self.record(c.no_vm_to_vm(vm, other, 4))
+                if vm.ipv6 is not None and other.ipv6 is not None:
+                    self.record(c.no_vm_to_vm(vm, other, 6))
         for vm in topo.vms:
             self.record(c.forged_from_vm(vm, 4))
             if vm.ipv6 is not None:
@@ -497,10 +557,10 @@ class Lab:
     def switch_resolver(self) -> None:
         """The DNS tool rerun without a change changes nothing; after the uplink's resolver
         changes it moves every VM to the new server while the VMs keep asking DNS1/DNS2."""
-        self.dnat("qubes-setup-dnat-to-ns again: unchanged", DNAT_UNCHANGED)
+        self.dnat("qubes-setup-dnat-to-ns again: unchanged", (DNAT_UNCHANGED,))
         log.info("switching the netvm's resolver from %s to %s", RESOLVER_A, RESOLVER_B)
         self._write_netns_file(self.topo.netvm_ns, "resolv.conf", resolv_conf((RESOLVER_B,)))
-        if not self.dnat("resolver switched: qubes-setup-dnat-to-ns", DNAT_CHANGED).ok:
+        if not self.dnat("resolver switched: qubes-setup-dnat-to-ns", (DNAT_CHANGED,)).ok:
             return
         for vm in self.topo.vms:
             for server in (DNS1, DNS2):
@@ -548,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
         "2 usage error. State of running labs: " + STATE_DIR,
     )
     p.add_argument("--vms", type=int, default=3, metavar="N", help="number of VMs (default 3)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="firewall backend of the netvm's tools (default auto: as the package picks it on this host)")
     p.add_argument("--ipv6", action="store_true",
                    help="IPv6 for the uplink and every VM but the last (which proves it gets none through)")
     p.add_argument("--json", action="store_true", help="print the results as JSON: [{check, vm, ok, detail}]")
@@ -567,14 +629,44 @@ def _configure_logging(verbose: bool) -> None:
     pkg.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+class _SignalGuard:
+    """SIGINT, SIGTERM and SIGHUP interrupt the lab (so ``finally`` blocks clean up), except inside
+    :meth:`deferred`, where they wait until the section is over."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending: int | None = None
+
+    @staticmethod
+    def _interruption(signum: int) -> BaseException:
+        return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signal.Signals(signum).name)
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._depth:
+            self._pending = self._pending or signum
+            return
+        raise self._interruption(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A section a signal must not cut in two (a child started but not yet recorded)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if not self._depth and self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise self._interruption(signum)
+
+
+_GUARD = _SignalGuard()
+
+
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`Interrupted`, so ``finally`` blocks clean up."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP :class:`Interrupted` (see :class:`_SignalGuard`)."""
+    old = {s: signal.signal(s, _GUARD.handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -641,10 +733,8 @@ def keep_instructions(topo: Topology, paths: LabPaths, tools: Tools) -> str:
     lines.append(f"  {'netvm':{width}}  ip netns exec {topo.netvm_ns} bash")
     for vm in topo.vms:
         lines.append(f"  {vm.name:{width}}  ip netns exec {vm.ns} bash")
-    lines.append(
-        f"The tools in the netvm need: XENSTORED_PATH={paths.xenstore_socket} VIF_HOTPLUG_CONF={paths.conf} "
-        f"VIF_HOTPLUG_LOCK={paths.hotplug_lock} XTABLES_LOCKFILE={paths.xtables_lock}"
-    )
+    overrides = " ".join(f"{k}={v}" for k, v in tool_overrides(paths).items())
+    lines.append(f"The tools in the netvm need: {overrides}")
     lines.append(f"Tear down with: {tools.vif_hotplug} lab --down {topo.lab_id}")
     return "\n".join(lines)
 
@@ -662,12 +752,23 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     if os.geteuid() != 0:
         log.error("must run as root (it creates network namespaces)")
         return 1
-    tools, missing = find_tools(env)
+    if args.down is not None:
+        ip = find_program("ip", env.get("PATH"))
+        if ip is None:
+            log.error("missing required program: ip (Debian package iproute2)")
+            return 1
+        return down(args.down, ip)
+    try:
+        backend = choose_backend(args.backend, env.get("PATH"))
+    except HotplugError as exc:
+        log.error("%s", exc)
+        return 2
+    if args.backend == "auto":
+        log.info("firewall backend auto: %s on this host", backend)
+    tools, missing = find_tools(env, backend)
     if tools is None:
         log.error("missing required programs: %s", "; ".join(missing))
         return 1
-    if args.down is not None:
-        return down(args.down, tools.ip)
 
     lab_id = secrets.token_hex(3)
     try:
@@ -688,7 +789,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
             state.save()
             state.tmpdir = tempfile.mkdtemp(prefix=f"{PREFIX}-{lab_id}-")
             state.save()
-            lab = Lab(topo, tools, state, env)
+            lab = Lab(topo, tools, state, env, args.backend, backend)
             results = lab.results
             lab.scenario()
             completed = True

@@ -1,9 +1,19 @@
 """The lab's network, as data: names, addresses and the commands that build it.
 
-Everything here is pure: :func:`plan_topology` picks names and addresses,
-the ``*_commands`` functions turn them into ``(namespace, argv)`` steps, and
-:func:`xenstore_entries` / :func:`hotplug_env` say what the toolstack would
-have written and passed. :mod:`vif_hotplug.lab` runs the steps.
+Everything here is pure (no process runs, no file is touched):
+
+* :func:`plan_topology` picks names and addresses (:func:`make_vm` one VM);
+* :func:`uplink_commands`, :func:`netvm_commands`, :func:`vif_commands` and
+  :func:`vm_commands` turn them into ``(namespace, argv)`` steps;
+* :func:`netvm_xenstore_entries` / :func:`vm_xenstore_entries` say what
+  dom0 and libxl would have written to XenStore, :func:`netvm_conf` the
+  lab's netvm.conf, :func:`tool_env` / :func:`hotplug_env` the environment
+  the package's tools get (all their state in one private directory).
+
+:mod:`vif_hotplug.lab.runner` runs the steps; a test harness can run the
+same ones. Every step names the namespace it runs in and none ever runs in
+the caller's: links are created inside a namespace with the peer sent
+straight into another one.
 
 Shape (one uplink, one netvm, N VMs; all private to the lab's namespaces)::
 
@@ -56,6 +66,8 @@ UPLINK_DEV = "uplink0"  # deliberately not eth0: nothing may depend on that name
 UPLINK_PEER_DEV = "lan0"
 VM_DEV = "eth0"
 VIF_SCRIPT = "/etc/xen/scripts/vif-route-qubes"
+#: The netvm is domain 0 of the lab's XenStore; paths below are absolute.
+NETVM_HOME = "/local/domain/0"
 
 Step = tuple[str, tuple[str, ...]]
 """``(namespace, argv)``: run ``argv`` inside ``namespace``."""
@@ -75,6 +87,7 @@ class Vm:
 
     @property
     def vif(self) -> str:
+        """netback's name for the backend interface."""
         return f"vif{self.domid}.0"
 
     @property
@@ -83,6 +96,7 @@ class Vm:
 
     @property
     def xenbus_path(self) -> str:
+        """The backend directory relative to the netvm's home (libxl's ``XENBUS_PATH``)."""
         return f"backend/vif/{self.domid}/0"
 
     @property
@@ -103,12 +117,6 @@ class Topology:
         """Every namespace, in creation order (delete in reverse)."""
         return (self.uplink_ns, self.netvm_ns, *(vm.ns for vm in self.vms))
 
-    def vm(self, name: str) -> Vm:
-        for vm in self.vms:
-            if vm.name == name:
-                return vm
-        raise KeyError(name)
-
 
 def vm_ipv4(domid: int) -> IPv4Address:
     return IPv4Address(f"10.137.0.{domid}")
@@ -119,8 +127,22 @@ def vm_ipv6(ipv4: IPv4Address) -> IPv6Address:
     return IPv6Address(int(IPv6Address("fd09:24ef:4179::")) | int(ipv4))
 
 
+def make_vm(domid: int, ns: str, *, ipv6: bool = False, ipv6_in_xenstore: bool = True) -> Vm:
+    """One VM (domid 1..254) in namespace ``ns``, addressed as Qubes numbers it.
+
+    ``ipv6``: the VM configures an IPv6 address; ``ipv6_in_xenstore``: the
+    netvm is told about it (false makes an IPv4-only VM that tries anyway).
+    """
+    if not 1 <= domid <= 254:
+        raise ValueError(f"domid {domid} out of range 1..254")
+    v4 = vm_ipv4(domid)
+    v6 = vm_ipv6(v4) if ipv6 else None
+    return Vm(domid=domid, ns=ns, ipv4=v4, ipv6=v6 if ipv6_in_xenstore else None, ipv6_self=v6,
+              mac=f"00:16:3e:5e:6c:{domid:02x}")
+
+
 def plan_topology(lab_id: str, vms: int, ipv6: bool) -> Topology:
-    """Names and addresses of a lab with ``vms`` VMs. Pure.
+    """Names and addresses of a lab with ``vms`` VMs.
 
     With ``ipv6`` every VM but the last gets an IPv6 address in XenStore; the
     last stays IPv4-only to prove that it gets no IPv6 through. Raises
@@ -131,22 +153,11 @@ def plan_topology(lab_id: str, vms: int, ipv6: bool) -> Topology:
     if not low <= vms <= MAX_VMS:
         raise ValueError(f"--vms must be between {low} and {MAX_VMS}{' with --ipv6' if ipv6 else ''}")
     base = f"{PREFIX}-{lab_id}"
-    out = []
-    for i in range(vms):
-        domid = FIRST_DOMID + i
-        v4 = vm_ipv4(domid)
-        v6 = vm_ipv6(v4) if ipv6 else None
-        out.append(
-            Vm(
-                domid=domid,
-                ns=f"{base}-vm{domid}",
-                ipv4=v4,
-                ipv6=v6 if i < vms - 1 else None,
-                ipv6_self=v6,
-                mac=f"00:16:3e:5e:6c:{domid:02x}",
-            )
-        )
-    return Topology(lab_id, ipv6, f"{base}-up", f"{base}-net", tuple(out))
+    out = tuple(
+        make_vm(FIRST_DOMID + i, f"{base}-vm{FIRST_DOMID + i}", ipv6=ipv6, ipv6_in_xenstore=i < vms - 1)
+        for i in range(vms)
+    )
+    return Topology(lab_id, ipv6, f"{base}-up", f"{base}-net", out)
 
 
 def resolv_conf(servers: tuple[IPv4Address, ...]) -> str:
@@ -158,10 +169,11 @@ def _ip(*args: str) -> tuple[str, ...]:
 
 
 def uplink_commands(topo: Topology) -> list[Step]:
-    """The uplink: the router the netvm's default route points at, and its servers.
+    """The uplink: the router the netvm's default route points at, and its servers' addresses.
 
     It also routes the VM ranges back through the netvm, as an attacker on
     the netvm's LAN could, so forged packets have a way in to be dropped.
+    Runs after :func:`netvm_commands` (which creates ``lan0`` in here).
     """
     ns, dev = topo.uplink_ns, UPLINK_PEER_DEV
     steps: list[Step] = [(ns, _ip("link", "set", "lo", "up"))]
@@ -177,12 +189,10 @@ def uplink_commands(topo: Topology) -> list[Step]:
 
 
 def netvm_commands(topo: Topology) -> list[Step]:
-    """The netvm: its uplink and one veth per VM, named and addressed as netback would.
+    """The netvm before any VM: ``lo``, its uplink ``uplink0`` and default routes.
 
-    The vif ends stay down, as netback leaves them: bringing them up is the
-    hotplug script's job. Links are created from inside the netvm namespace
-    with the peer sent straight into its own namespace, so no device ever
-    exists in the caller's namespace.
+    The vifs come later, one per VM start (:func:`vif_commands`), as in a
+    driver domain that boots before its VMs.
     """
     ns = topo.netvm_ns
     steps: list[Step] = [
@@ -196,12 +206,19 @@ def netvm_commands(topo: Topology) -> list[Step]:
     steps.append((ns, _ip("route", "add", "default", "via", str(UPLINK_PEER))))
     if topo.ipv6:
         steps.append((ns, _ip("-6", "route", "add", "default", "via", str(UPLINK6_PEER))))
-    for vm in topo.vms:
-        steps.append(
-            (ns, _ip("link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth",
-                     "peer", "name", VM_DEV, "address", vm.mac, "netns", vm.ns))
-        )
     return steps
+
+
+def vif_commands(netvm_ns: str, vm: Vm) -> list[Step]:
+    """What netback does when ``vm`` starts: ``vifD.0`` with its fixed MAC, the VM's end in the VM.
+
+    The vif stays down, as netback leaves it: bringing it up is the hotplug
+    script's job.
+    """
+    return [
+        (netvm_ns, _ip("link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth",
+                       "peer", "name", VM_DEV, "address", vm.mac, "netns", vm.ns)),
+    ]
 
 
 def vm_commands(vm: Vm) -> list[Step]:
@@ -224,60 +241,58 @@ def vm_commands(vm: Vm) -> list[Step]:
     return steps
 
 
-def netvm_params(topo: Topology) -> dict[str, str]:
+def netvm_params(ipv6: bool) -> dict[str, str]:
     """The netvm parameters, keyed as the ``qubes-netvm-*`` XenStore names."""
     out = {
         "qubes-netvm-gateway": str(GATEWAY),
         "qubes-netvm-primary-dns": str(DNS1),
         "qubes-netvm-secondary-dns": str(DNS2),
     }
-    if topo.ipv6:
+    if ipv6:
         out["qubes-netvm-gateway6"] = str(GATEWAY6)
     return out
 
 
-def netvm_conf(topo: Topology, hooks_dir: str, with_params: bool) -> str:
-    """The lab's netvm.conf: always a private hooks dir; the parameters only if asked.
+def netvm_conf(ipv6: bool, hooks_dir: str, backend: str, with_params: bool) -> str:
+    """The lab's netvm.conf: a private hooks dir, the firewall backend, the parameters only if asked.
 
     Without ``[netvm]`` the tools fall through to XenStore, which is the path
     the lab means to exercise. ``with_params`` is for hosts with QubesDB,
     which comes before XenStore and would hand the tools the host's values.
     """
-    text = f"[hotplug]\nhooks_dir = {hooks_dir}\n"
+    text = f"[hotplug]\nhooks_dir = {hooks_dir}\n\n[firewall]\nbackend = {backend}\n"
     if with_params:
         keys = {"qubes-netvm-gateway": "gateway", "qubes-netvm-gateway6": "gateway6",
                 "qubes-netvm-primary-dns": "primary_dns", "qubes-netvm-secondary-dns": "secondary_dns"}
-        text += "\n[netvm]\n" + "".join(f"{keys[k]} = {v}\n" for k, v in netvm_params(topo).items())
+        text += "\n[netvm]\n" + "".join(f"{keys[k]} = {v}\n" for k, v in netvm_params(ipv6).items())
     return text
 
 
-def xenstore_entries(topo: Topology) -> list[tuple[str, str]]:
-    """What libxl writes for each vif (backend and frontend side), plus the netvm parameters.
+def netvm_xenstore_entries(ipv6: bool) -> list[tuple[str, str]]:
+    """What dom0 writes for the netvm itself: its parameters under its home."""
+    return [(f"{NETVM_HOME}/{k}", v) for k, v in netvm_params(ipv6).items()]
 
-    Absolute paths; the netvm is domain 0 of the embedded XenStore.
-    """
-    home = "/local/domain/0"
-    out = [(f"{home}/{k}", v) for k, v in netvm_params(topo).items()]
-    for vm in topo.vms:
-        be = f"{home}/{vm.xenbus_path}"
-        fe = f"/local/domain/{vm.domid}/device/vif/0"
-        out += [
-            (f"/local/domain/{vm.domid}/name", f"{topo.lab_id}-{vm.name}"),
-            (f"{fe}/backend", be),
-            (f"{fe}/backend-id", "0"),
-            (f"{fe}/handle", "0"),
-            (f"{fe}/mac", vm.mac),
-            (f"{be}/frontend", fe),
-            (f"{be}/frontend-id", str(vm.domid)),
-            (f"{be}/online", "1"),
-            (f"{be}/state", "2"),  # XenbusStateInitWait: backend waits for hotplug
-            (f"{be}/script", VIF_SCRIPT),
-            (f"{be}/mac", vm.mac),
-            (f"{be}/ip", vm.xenstore_ip),
-            (f"{be}/type", "vif"),
-            (f"{be}/handle", "0"),
-        ]
-    return out
+
+def vm_xenstore_entries(vm: Vm, name: str) -> list[tuple[str, str]]:
+    """What libxl writes when ``vm`` (domain ``name``) starts: frontend and backend of its vif."""
+    be = f"{NETVM_HOME}/{vm.xenbus_path}"
+    fe = f"/local/domain/{vm.domid}/device/vif/0"
+    return [
+        (f"/local/domain/{vm.domid}/name", name),
+        (f"{fe}/backend", be),
+        (f"{fe}/backend-id", "0"),
+        (f"{fe}/handle", "0"),
+        (f"{fe}/mac", vm.mac),
+        (f"{be}/frontend", fe),
+        (f"{be}/frontend-id", str(vm.domid)),
+        (f"{be}/online", "1"),
+        (f"{be}/state", "2"),  # XenbusStateInitWait: the backend waits for hotplug
+        (f"{be}/script", VIF_SCRIPT),
+        (f"{be}/mac", vm.mac),
+        (f"{be}/ip", vm.xenstore_ip),
+        (f"{be}/type", "vif"),
+        (f"{be}/handle", "0"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -299,6 +314,11 @@ class LabPaths:
         return f"{self.tmpdir}/hooks.d"
 
     @property
+    def state_dir(self) -> str:
+        """The tools' runtime state (backend marker, nftables and DNS locks, agent socket)."""
+        return f"{self.tmpdir}/state"
+
+    @property
     def hotplug_lock(self) -> str:
         return f"{self.tmpdir}/hotplug.lock"
 
@@ -307,15 +327,26 @@ class LabPaths:
         return f"{self.tmpdir}/xtables.lock"
 
 
+def tool_overrides(paths: LabPaths) -> dict[str, str]:
+    """What every tool of this package the lab runs gets on top of the caller's environment.
+
+    All its state in the lab's tmpdir, and never a resident agent (which
+    would serve the command from the host's namespace with its own state).
+    """
+    return {
+        "XENSTORED_PATH": paths.xenstore_socket,
+        "VIF_HOTPLUG_CONF": paths.conf,
+        "VIF_HOTPLUG_LOCK": paths.hotplug_lock,
+        "VIF_HOTPLUG_STATE_DIR": paths.state_dir,
+        "VIF_HOTPLUG_AGENT": "off",
+        "XTABLES_LOCKFILE": paths.xtables_lock,
+    }
+
+
 def tool_env(paths: LabPaths, base: Mapping[str, str]) -> dict[str, str]:
-    """Environment for every tool of this package the lab runs: all state in the lab's tmpdir."""
+    """``base`` with :func:`tool_overrides` applied."""
     env = dict(base)
-    env.update(
-        XENSTORED_PATH=paths.xenstore_socket,
-        VIF_HOTPLUG_CONF=paths.conf,
-        VIF_HOTPLUG_LOCK=paths.hotplug_lock,
-        XTABLES_LOCKFILE=paths.xtables_lock,
-    )
+    env.update(tool_overrides(paths))
     return env
 
 

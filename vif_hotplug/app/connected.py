@@ -1,0 +1,59 @@
+"""``vif-hotplug connected-ips``: bring the ``connected`` sets up to date with their source.
+
+The sets hold the addresses of every VM that uses this netvm, running or
+not (:mod:`vif_hotplug.core.plan_connected`); every hotplug event and
+``init`` update them too. ``--watch`` re-reads the sources every
+:data:`WATCH_INTERVAL` seconds until SIGTERM/SIGINT, for a netvm whose
+source (QubesDB) changes while no VM starts or stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+
+from ..core.errors import HotplugError, InvalidInput
+from ..core.netvm_params import Reader, resolve_connected
+from ..core.plan_base import families_of
+from ..core.plan_connected import connected_steps
+from ..kernel.locks import file_lock
+from ..kernel.sysctl import kernel_has_ipv6
+from .applier import apply_all_or_nothing
+from .ports import HotplugHost
+from .settings import Settings
+from .stop import StopOnSignal
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 2.0
+
+
+def update_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | None, xenstore: Reader | None) -> int:
+    """Changes made to the ``connected`` sets (0 when no source lists any). Raises ``HotplugError``."""
+    if settings.conf_error is not None:
+        raise InvalidInput(settings.conf_error)
+    connected = resolve_connected(settings.conf, qubesdb, xenstore)
+    if connected is None:
+        log.info("no source lists connected addresses: the sets stay as they are")
+        return 0
+    families = families_of(kernel_has_ipv6())
+    with file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock"):
+        present = [e for f in families for e in host.elements(f, "connected")]
+        steps = connected_steps(connected, present, families)
+        return len(apply_all_or_nothing(steps, host, "connected-ips").changed)
+
+
+def watch_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | None, xenstore: Reader | None) -> int:
+    """:func:`update_connected` now and every :data:`WATCH_INTERVAL` seconds; 0 when stopped."""
+    failure: str | None = None
+    with StopOnSignal() as stop:
+        while not stop.requested:
+            try:
+                update_connected(settings, host, qubesdb, xenstore)
+                failure = None
+            except HotplugError as exc:
+                if str(exc) != failure:
+                    log.error("%s (retrying every %gs)", exc, WATCH_INTERVAL)
+                failure = str(exc)
+            select.select([stop.fd], [], [], WATCH_INTERVAL)
+    return 0
