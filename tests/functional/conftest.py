@@ -120,3 +120,9 @@ BACKENDS = ("nftables", "iptables")
 def backend(request: pytest.FixtureRequest) -> str:
     """The firewall backend a test's netvm uses: every test that asks runs once per backend."""
     return str(request.param)
+
+
+@pytest.fixture(params=("local", "agent"))
+def with_agent(request: pytest.FixtureRequest) -> bool:
+    """Whether the events go through a resident agent: the suites that ask run both ways."""
+    return request.param == "agent"

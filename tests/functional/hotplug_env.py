@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,18 +22,21 @@ from pathlib import Path
 
 import pyxs
 
+from vif_hotplug.core.model import NETBACK_MAC as NETBACK_MAC  # re-exported for the tests
+from vif_hotplug.lab.probe import listen_udp_argv, send_udp_argv
+from vif_hotplug.lab.topology import backend_link_commands, guest_commands
 from vif_hotplug.xen.xenstored import XenStoreServer
 
 from .conftest import Netns, NetnsFactory, entry_point, require_tool
 from .kernel_state import FirewallState, read_firewall
 
-NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
 GATEWAY = "10.137.0.1"
 GATEWAY6 = "fd09:24ef:4179::a89:1"
 UPLINK_NET = "192.0.2"
 UPLINK6_NET = "fd00:2"
 VM6_NET = "fd09:24ef:4179"
-PROBE = str(Path(__file__).with_name("udp_probe.py"))
+#: The VM's end of its vif (any name but eth0 would do: nothing may depend on it).
+VM_DEV = "vmnic0"
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Netvm:
     fw_backend: str
     vms: dict[int, Vm] = field(default_factory=dict)
     uplink: Netns | None = None
+    #: The resident agent serving this netvm's events, when the test runs with one.
+    agent: subprocess.Popen[str] | None = None
 
     # --- configuration ------------------------------------------------------
 
@@ -72,9 +76,41 @@ class Netvm:
             "VIF_HOTPLUG_LOCK": str(self.tmp / "hotplug.lock"),
             "VIF_HOTPLUG_HOOKS_DIR": str(self.tmp / "hooks"),
             "VIF_HOTPLUG_STATE_DIR": str(self.tmp / "state"),
-            "VIF_HOTPLUG_AGENT": "off",
             "XTABLES_LOCKFILE": str(self.tmp / "xtables.lock"),
+            # Without an agent of the test's own, clients never use one.
+            **({} if self.agent is not None else {"VIF_HOTPLUG_AGENT": "off"}),
         }
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.tmp / "state" / "agent.sock"
+
+    def start_agent(self, *args: str) -> subprocess.Popen[str]:
+        """``vif-hotplug agent`` in this netvm (as systemd would start it), ready when this returns."""
+        env = {k: v for k, v in {**os.environ, **self.env}.items() if k != "VIF_HOTPLUG_AGENT"}
+        proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.ns.name}", entry_point("vif-hotplug"), "agent", *args],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.agent = proc
+        deadline = time.monotonic() + 30
+        while not self.agent_socket.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the agent did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.02)
+        return proc
+
+    def stop_agent(self) -> None:
+        proc, self.agent = self.agent, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
 
     def write_conf(self, text: str) -> None:
         """netvm.conf as given, with this netvm's firewall backend added."""
@@ -119,24 +155,12 @@ class Netvm:
         vm_ns = self.factory("vhvm")
         vm = Vm(domid, vm_ns, ips)
         if make_link:
-            self.ns.run("ip", "link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth", "peer", "name", "vmnic0",
-                        "address", mac)
-            self.ns.run("ip", "link", "set", "vmnic0", "netns", vm_ns.name)
             # A VM with a mapped address believes in other addresses than ours.
             own_ips, gateway = ([vm_view[0]], vm_view[1]) if vm_view else (ips, GATEWAY)
-            for ip in own_ips:
-                if ":" in ip:
-                    vm_ns.run("ip", "addr", "add", f"{ip}/128", "dev", "vmnic0", "nodad")
-                else:
-                    vm_ns.run("ip", "addr", "add", f"{ip}/32", "dev", "vmnic0")
-            vm_ns.run("ip", "link", "set", "vmnic0", "up")
-            # As a Qubes VM configures itself: the gateway pinned to netback's MAC, onlink.
-            vm_ns.run("ip", "neigh", "replace", gateway, "lladdr", NETBACK_MAC, "dev", "vmnic0", "nud", "permanent")
-            vm_ns.run("ip", "route", "add", "default", "via", gateway, "dev", "vmnic0", "onlink")
-            if any(":" in ip for ip in own_ips):
-                vm_ns.run("ip", "-6", "neigh", "replace", GATEWAY6, "lladdr", NETBACK_MAC, "dev", "vmnic0",
-                          "nud", "permanent")
-                vm_ns.run("ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "vmnic0", "onlink")
+            steps = backend_link_commands(self.ns.name, vm.vif, mac, vm_ns.name, VM_DEV)
+            steps += guest_commands(vm_ns.name, own_ips, gateway, GATEWAY6, VM_DEV)
+            for ns, argv in steps:
+                subprocess.run(["ip", "netns", "exec", ns, *argv], check=True, capture_output=True)
         base = self.backend(domid)
         entries = {
             "frontend": f"/local/domain/{domid}/device/vif/0",
@@ -224,6 +248,15 @@ class Netvm:
     def sysctl(self, key: str) -> str:
         return self.ns.run("cat", f"/proc/sys/{key}").stdout.strip()
 
+    def settle(self, domid: int) -> None:
+        """Wait until the hooks of ``domid``'s last event have run.
+
+        In-process they ran before the command exited; an agent runs them
+        after answering, before the next request of the same vif: a no-op
+        ``add`` event queues behind them.
+        """
+        self.hotplug("add", domid)
+
     def status(self, domid: int) -> str | None:
         return self.xs_read(f"{self.backend(domid)}/hotplug-status")
 
@@ -273,9 +306,9 @@ class Netvm:
 
 
 def udp_listen(ns: Netns, addr: str, port: int, count_file: Path) -> subprocess.Popen[str]:
-    """Start a UDP listener in ``ns`` that appends each sender address to ``count_file``."""
-    proc = ns.popen([sys.executable, PROBE, "listen", addr, str(port), str(count_file)],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Start a UDP listener in ``ns`` that appends "SOURCE PAYLOAD" per datagram to ``count_file``."""
+    proc = ns.popen(list(listen_udp_argv(port, bind=addr, log=str(count_file))),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     ready = proc.stdout.readline()
     assert ready.strip() == "ready", ready
@@ -283,7 +316,7 @@ def udp_listen(ns: Netns, addr: str, port: int, count_file: Path) -> subprocess.
 
 
 def udp_send(ns: Netns, src: str, dst: str, port: int, payload: str) -> None:
-    ns.run(sys.executable, PROBE, "send", src, dst, str(port), payload)
+    ns.run(*send_udp_argv(src, dst, port, payload, count=1))
 
 
 def received(
@@ -345,8 +378,9 @@ def wait_for_line(path: Path, text: str, deadline: float = 10.0) -> bool:
 
 
 @contextlib.contextmanager
-def running_netvm(make_netns: NetnsFactory, conf: str, backend: str) -> Iterator[Netvm]:
-    """A netvm namespace with ``conf`` as netvm.conf, firewall ``backend``, and its own embedded XenStore."""
+def running_netvm(make_netns: NetnsFactory, conf: str, backend: str, agent: bool = False) -> Iterator[Netvm]:
+    """A netvm namespace with ``conf`` as netvm.conf, firewall ``backend``, its own embedded XenStore,
+    and with ``agent`` a resident agent that every client of the test goes through."""
     for tool in ("ipset", "iptables-legacy-save", "ip6tables-legacy-save", "conntrack", "nft"):
         require_tool(tool)
     # A short directory: Unix socket paths are limited to 108 bytes.
@@ -358,8 +392,12 @@ def running_netvm(make_netns: NetnsFactory, conf: str, backend: str) -> Iterator
     try:
         env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"), backend)
         env.write_conf(conf)
+        if agent:
+            env.start_agent("--no-start-up")
         yield env
     finally:
+        if env is not None:
+            env.stop_agent()
         # NAT namespaces of mapped vifs are named globally (<vif>-nat); a
         # failed test must not leave one for the next.
         for vm in env.vms.values() if env else ():

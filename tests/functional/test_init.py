@@ -398,8 +398,8 @@ def test_switching_backends_under_traffic_never_lets_a_forged_packet_through(net
 
 
 def _send_cmd(src: str) -> str:
-    import sys
+    import shlex
 
-    from .hotplug_env import PROBE
+    from vif_hotplug.lab.probe import send_udp_argv
 
-    return f"{sys.executable} {PROBE} send {src} {UPLINK_NET}.2 5000 forged"
+    return shlex.join(send_udp_argv(src, f"{UPLINK_NET}.2", 5000, "forged", count=1))

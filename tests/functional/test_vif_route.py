@@ -24,8 +24,8 @@ secondary_dns = 10.139.1.2
 
 
 @pytest.fixture
-def netvm(make_netns: NetnsFactory, backend: str) -> Iterator[Netvm]:
-    with running_netvm(make_netns, CONF, backend) as env:
+def netvm(make_netns: NetnsFactory, backend: str, with_agent: bool) -> Iterator[Netvm]:
+    with running_netvm(make_netns, CONF, backend, with_agent) as env:
         yield env
 
 
@@ -144,6 +144,7 @@ def test_hooks_get_command_vif_type_and_address_and_their_failure_is_not_fatal(n
     netvm.add_vm(4)
     netvm.hotplug("online", 4)
     netvm.hotplug("offline", 4)
+    netvm.settle(4)
     assert record.read_text().splitlines() == ["online vif4.0 vif 10.137.0.4", "offline vif4.0 vif 10.137.0.4"]
 
 
@@ -515,6 +516,7 @@ def test_hooks_run_once_for_a_repeated_online_and_see_the_status_already_reporte
     netvm.add_vm(4)
     netvm.hotplug("online", 4)
     netvm.hotplug("online", 4)
+    netvm.settle(4)
     assert record.read_text().splitlines() == ["connected"]
 
 
@@ -603,4 +605,5 @@ def test_empty_ip_brings_the_vif_up_passing_nothing_and_offline_undoes_it(netvm:
     assert "vif4.0" not in netvm.ns.run("ip", "route").stdout
     netvm.hotplug("offline", 4)
     assert netvm.dump() == before
+    netvm.settle(4)
     assert record.read_text().splitlines()[-2:] == ["online vif4.0 vif", "offline vif4.0 vif"]

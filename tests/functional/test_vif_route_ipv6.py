@@ -19,8 +19,8 @@ VM6 = "fd09:24ef:4179::a89:5"
 
 
 @pytest.fixture
-def netvm6(make_netns: NetnsFactory, backend: str) -> Iterator[Netvm]:
-    with running_netvm(make_netns, CONF6, backend) as env:
+def netvm6(make_netns: NetnsFactory, backend: str, with_agent: bool) -> Iterator[Netvm]:
+    with running_netvm(make_netns, CONF6, backend, with_agent) as env:
         yield env
 
 

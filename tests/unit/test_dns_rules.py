@@ -1,4 +1,4 @@
-"""Pairing virtual resolvers with upstreams, and the firewall state planned for it."""
+"""Pairing virtual resolvers with upstreams, and the firewall state planned for it (plan_dns)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from vif_hotplug.dns_rules import GUARD_CHAIN, NAT_CHAIN, pair_resolvers, plan_dns_ruleset
-from vif_hotplug.errors import InvalidInput
-from vif_hotplug.firewall import ChainSpec, Hook, Rule, Ruleset
-from vif_hotplug.iptables_backend import rule_to_dict
+from vif_hotplug.core.errors import InvalidInput
+from vif_hotplug.core.firewall import PRIORITY, Addr, Chain, Dnat, Hook, Proto, Reject, Rule, Ruleset, rule
+from vif_hotplug.core.plan_dns import DNAT_CHAIN, GUARD_CHAIN, pair_resolvers, plan_dns_ruleset, plan_guard_ruleset
+from vif_hotplug.kernel.iptables_backend import NAMES, XtChain, _describe_rule
 
 DNS1 = IPv4Address("10.139.1.1")
 DNS2 = IPv4Address("10.139.1.2")
@@ -23,21 +23,31 @@ def cases(table: list[tuple[Any, ...]]) -> list[Any]:
     return [pytest.param(*row[1:], id=row[0]) for row in table]
 
 
-def chain(ruleset: Ruleset, table: str, name: str) -> ChainSpec:
-    (spec,) = [c for c in ruleset.chains if c.table == table and c.name == name]
-    return spec
+def chain(ruleset: Ruleset, name: str) -> Chain:
+    return ruleset.table(4, "qubes").chain(name)
 
 
 def nat_texts(ruleset: Ruleset) -> list[str]:
-    return [r.text for r in chain(ruleset, "nat", NAT_CHAIN).rules]
+    return [r.text(4) for r in chain(ruleset, DNAT_CHAIN).rules]
+
+
+def guard_rules(ruleset: Ruleset) -> list[Rule]:
+    return list(chain(ruleset, GUARD_CHAIN).rules)
 
 
 def dnat(v: IPv4Address, u: IPv4Address) -> list[str]:
+    return [f"ip daddr {v} udp dport 53 dnat to {u}", f"ip daddr {v} tcp dport 53 dnat to {u}"]
+
+
+def guard(v: IPv4Address) -> list[Rule]:
+    """TCP gets a reset, the rest an ICMP port unreachable (compared as intent: see test_base_ruleset for text)."""
     return [
-        f"-d {v}/32 -p udp -m udp --dport 53 -j DNAT --to-destination {u}",
-        f"-d {v}/32 -p tcp -m tcp --dport 53 -j DNAT --to-destination {u}",
+        rule(Addr("dst", f"{v}/32"), Proto("tcp"), verdict=Reject("tcp-reset")),
+        rule(Addr("dst", f"{v}/32"), verdict=Reject("icmp-port-unreachable")),
     ]
 
+
+GUARD = guard(DNS1) + guard(DNS2)
 
 # --- pairing ------------------------------------------------------------------
 
@@ -81,7 +91,7 @@ def test_pair_resolvers_of_chained_netvm(
     assert pair_resolvers(VIRTUAL, upstreams, chained_to) == expected
 
 
-# --- nat chain ----------------------------------------------------------------
+# --- dnat chain ----------------------------------------------------------------
 
 NAT_CONTENT = [
     ("zero upstreams: empty chain", (), []),
@@ -92,96 +102,91 @@ NAT_CONTENT = [
 
 
 @pytest.mark.parametrize(("upstreams", "expected"), cases(NAT_CONTENT))
-def test_nat_chain_holds_dnat_for_each_pair(upstreams: tuple[IPv4Address, ...], expected: list[str]) -> None:
+def test_dnat_chain_holds_udp_and_tcp_dnat_for_each_pair(
+    upstreams: tuple[IPv4Address, ...], expected: list[str]
+) -> None:
     assert nat_texts(plan_dns_ruleset(VIRTUAL, upstreams)) == expected
 
 
-def test_dnat_rule_text_matches_iptables_save() -> None:
-    rules = nat_texts(plan_dns_ruleset((DNS1,), (A,)))
-    assert "-d 10.139.1.1/32 -p udp -m udp --dport 53 -j DNAT --to-destination 192.0.2.53" in rules
+def test_dnat_chain_is_a_nat_chain_at_dstnat_priority() -> None:
+    assert chain(plan_dns_ruleset(VIRTUAL, (A,)), DNAT_CHAIN).hook == Hook("prerouting", "nat", PRIORITY["dstnat"])
 
 
-def test_nat_chain_is_owned() -> None:
-    assert chain(plan_dns_ruleset(VIRTUAL, (A,)), "nat", NAT_CHAIN).owned
+@pytest.mark.parametrize("name", [DNAT_CHAIN, GUARD_CHAIN])
+def test_both_chains_are_replaced_whole(name: str) -> None:
+    assert chain(plan_dns_ruleset(VIRTUAL, (A,)), name).kind == "replaced"
 
 
 @pytest.mark.parametrize("upstreams", [(), (A,), (A, B)], ids=["zero", "one", "two"])
-def test_nat_chain_never_holds_reject(upstreams: tuple[IPv4Address, ...]) -> None:
-    # The kernel refuses a nat table containing REJECT (EINVAL on commit).
-    assert not any("REJECT" in t for t in nat_texts(plan_dns_ruleset(VIRTUAL, upstreams)))
+def test_dnat_chain_never_holds_reject(upstreams: tuple[IPv4Address, ...]) -> None:
+    # The kernel refuses a reject in a nat chain.
+    rules = chain(plan_dns_ruleset(VIRTUAL, upstreams), DNAT_CHAIN).rules
+    assert all(isinstance(r.verdict, Dnat) for r in rules)
 
 
-# --- filter guard ---------------------------------------------------------------
-
-GUARD = [
-    "-d 10.139.1.1/32 -p tcp -j REJECT --reject-with tcp-reset",
-    "-d 10.139.1.1/32 -j REJECT --reject-with icmp-port-unreachable",
-    "-d 10.139.1.2/32 -p tcp -j REJECT --reject-with tcp-reset",
-    "-d 10.139.1.2/32 -j REJECT --reject-with icmp-port-unreachable",
-]
+# --- guard chain ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("upstreams", [(), (A,), (A, B), (A, B, C)], ids=["zero", "one", "two", "three"])
 def test_guard_chain_rejects_virtual_resolvers_whatever_the_upstreams(upstreams: tuple[IPv4Address, ...]) -> None:
-    spec = chain(plan_dns_ruleset(VIRTUAL, upstreams), "filter", GUARD_CHAIN)
-    assert (spec.owned, [r.text for r in spec.rules]) == (True, GUARD)
+    assert guard_rules(plan_dns_ruleset(VIRTUAL, upstreams)) == GUARD
 
 
 def test_guard_chain_covers_only_configured_virtual_resolvers() -> None:
-    spec = chain(plan_dns_ruleset((DNS1,), (A,)), "filter", GUARD_CHAIN)
-    assert [r.text for r in spec.rules] == GUARD[:2]
+    assert guard_rules(plan_dns_ruleset((DNS1,), (A,))) == guard(DNS1)
+
+
+def test_guard_chain_runs_just_before_the_netvms_forward_chain() -> None:
+    hook = chain(plan_dns_ruleset(VIRTUAL, (A,)), GUARD_CHAIN).hook
+    assert hook == Hook("forward", "filter", PRIORITY["filter"] - 1)
+
+
+def test_guard_resets_tcp_and_answers_the_rest_with_port_unreachable() -> None:
+    rules = chain(plan_dns_ruleset((DNS1,), ()), GUARD_CHAIN).rules
+    assert [r.verdict for r in rules] == [Reject("tcp-reset"), Reject("icmp-port-unreachable")]
+
+
+def test_plan_guard_ruleset_is_the_dns_ruleset_without_upstreams() -> None:
+    assert plan_guard_ruleset(VIRTUAL) == plan_dns_ruleset(VIRTUAL, ())
 
 
 # --- chained netvm ------------------------------------------------------------
 
 CHAINED_PLANS = [
     ("chained source: nothing mapped, nothing rejected", (), VIRTUAL, [], []),
-    ("chained source naming DNS1 only: DNS2 mapped onto it", (), (DNS1,), dnat(DNS2, DNS1), GUARD[2:]),
+    ("chained source naming DNS1 only: DNS2 mapped onto it", (), (DNS1,), dnat(DNS2, DNS1), guard(DNS2)),
     ("chained + real upstream: DNAT to it, guard kept", (A,), VIRTUAL, dnat(DNS1, A) + dnat(DNS2, A), GUARD),
     ("no upstream at all: everything rejected", (), (), [], GUARD),
     ("virtual resolvers as upstreams alone do not chain", (DNS1, DNS2), (), [], GUARD),
 ]
 
 
-@pytest.mark.parametrize(("upstreams", "chained_to", "nat", "guard"), cases(CHAINED_PLANS))
+@pytest.mark.parametrize(("upstreams", "chained_to", "nat", "guarded"), cases(CHAINED_PLANS))
 def test_plan_for_chained_netvm(
-    upstreams: tuple[IPv4Address, ...], chained_to: tuple[IPv4Address, ...], nat: list[str], guard: list[str]
+    upstreams: tuple[IPv4Address, ...], chained_to: tuple[IPv4Address, ...], nat: list[str], guarded: list[Rule]
 ) -> None:
     ruleset = plan_dns_ruleset(VIRTUAL, upstreams, chained_to=chained_to)
-    assert (nat_texts(ruleset), [r.text for r in chain(ruleset, "filter", GUARD_CHAIN).rules]) == (nat, guard)
+    assert (nat_texts(ruleset), guard_rules(ruleset)) == (nat, guarded)
 
 
-def test_chained_plan_still_owns_and_jumps_both_chains() -> None:
-    ruleset = plan_dns_ruleset(VIRTUAL, (), chained_to=VIRTUAL)
-    assert ({(c.table, c.name, c.owned) for c in ruleset.chains}, set(ruleset.hooks)) == (
-        {("nat", NAT_CHAIN, True), ("filter", GUARD_CHAIN, True)},
-        set(plan_dns_ruleset(VIRTUAL, (A,)).hooks),
-    )
+def test_chained_plan_still_holds_both_chains_at_their_hooks() -> None:
+    chained = plan_dns_ruleset(VIRTUAL, (), chained_to=VIRTUAL)
+    plain = plan_dns_ruleset(VIRTUAL, (A,))
+    assert [(c.name, c.hook, c.kind) for c in chained.table(4).chains] == [
+        (c.name, c.hook, c.kind) for c in plain.table(4).chains
+    ]
 
 
-# --- hooks and scope ---------------------------------------------------------
+# --- scope -------------------------------------------------------------------
 
 
-def test_chains_are_jumped_from_prerouting_and_first_in_forward() -> None:
-    assert set(plan_dns_ruleset(VIRTUAL, (A,)).hooks) == {
-        Hook(4, "nat", "PREROUTING", Rule(f"-j {NAT_CHAIN}"), 1),
-        Hook(4, "filter", "FORWARD", Rule(f"-j {GUARD_CHAIN}"), 1),
-    }
+def test_plan_holds_only_its_two_chains_and_no_set() -> None:
+    (table,) = plan_dns_ruleset(VIRTUAL, (A,)).tables
+    assert ([c.name for c in table.chains], table.sets) == ([DNAT_CHAIN, GUARD_CHAIN], ())
 
 
-def test_plan_owns_only_its_two_chains_and_sets_no_policy() -> None:
-    ruleset = plan_dns_ruleset(VIRTUAL, (A,))
-    assert {(c.table, c.name) for c in ruleset.chains} == {("nat", NAT_CHAIN), ("filter", GUARD_CHAIN)}
-    assert ruleset.policies == ()
-
-
-def test_plan_is_ipv4_only() -> None:
-    ruleset = plan_dns_ruleset(VIRTUAL, (A,))
-    assert {c.family for c in ruleset.chains} | {h.family for h in ruleset.hooks} == {4}
-
-
-def test_same_inputs_give_equal_plans() -> None:
-    assert plan_dns_ruleset(VIRTUAL, (A, B)) == plan_dns_ruleset(list(VIRTUAL), [A, B])
+def test_plan_is_ipv4_only_in_table_qubes() -> None:
+    assert [(t.family, t.name) for t in plan_dns_ruleset(VIRTUAL, (A,)).tables] == [(4, "qubes")]
 
 
 def test_plan_without_virtual_resolvers_is_invalid() -> None:
@@ -189,22 +194,32 @@ def test_plan_without_virtual_resolvers_is_invalid() -> None:
         plan_dns_ruleset((), (A,))
 
 
-@pytest.mark.parametrize(
-    ("upstreams", "chained_to"), [((), ()), ((A, B), ()), ((), (DNS1,))], ids=["zero", "two", "chained"]
-)
-def test_every_planned_rule_translates_for_the_iptables_backend(
-    upstreams: tuple[IPv4Address, ...], chained_to: tuple[IPv4Address, ...]
-) -> None:
-    ruleset = plan_dns_ruleset(VIRTUAL, upstreams, chained_to=chained_to)
-    rules = [r for c in ruleset.chains for r in c.rules] + [h.rule for h in ruleset.hooks]
-    assert all("target" in rule_to_dict(r) for r in rules)
+# --- the iptables layout of the same intent (Qubes 4.0 names) ------------------------------------
 
 
-def test_dnat_translation_names_the_destination() -> None:
-    (udp, _tcp) = chain(plan_dns_ruleset((DNS1,), (A,)), "nat", NAT_CHAIN).rules
-    assert rule_to_dict(udp) == {
-        "dst": "10.139.1.1/32",
-        "protocol": "udp",
-        "udp": {"dport": "53"},
-        "target": {"DNAT": {"to-destination": "192.0.2.53"}},
-    }
+def test_dnat_chain_is_pr_qbs_jumped_from_nat_prerouting() -> None:
+    assert NAMES[("qubes", DNAT_CHAIN)] == XtChain("nat", "PR-QBS", "PREROUTING", -100)
+
+
+def test_guard_chain_is_qbs_dns_jumped_from_filter_forward_before_the_base_chain() -> None:
+    guard_at, base_at = NAMES[("qubes", GUARD_CHAIN)], NAMES[("qubes", "forward")]
+    assert (guard_at.table, guard_at.name, guard_at.builtin) == ("filter", "QBS-DNS", "FORWARD")
+    assert guard_at.priority < base_at.priority
+
+
+def test_dnat_rule_reads_as_iptables_save_prints_it() -> None:
+    ruleset = plan_dns_ruleset((DNS1,), (A,))
+    (table,) = ruleset.tables
+    assert [_describe_rule(r, table, "nat") for r in chain(ruleset, DNAT_CHAIN).rules] == [
+        "-d 10.139.1.1/32 -p udp -m udp --dport 53 -j DNAT --to-destination 192.0.2.53",
+        "-d 10.139.1.1/32 -p tcp -m tcp --dport 53 -j DNAT --to-destination 192.0.2.53",
+    ]
+
+
+def test_guard_rules_read_as_iptables_save_prints_them() -> None:
+    ruleset = plan_dns_ruleset((DNS1,), ())
+    (table,) = ruleset.tables
+    assert [_describe_rule(r, table, "filter") for r in chain(ruleset, GUARD_CHAIN).rules] == [
+        "-d 10.139.1.1/32 -p tcp -j REJECT --reject-with tcp-reset",
+        "-d 10.139.1.1/32 -j REJECT --reject-with icmp-port-unreachable",
+    ]

@@ -10,14 +10,9 @@ from typing import Any
 
 import pytest
 
-from vif_hotplug.errors import InvalidInput
-from vif_hotplug.resolvers import (
-    Upstreams,
-    parse_resolv_conf,
-    parse_resolved_dns,
-    read_upstreams,
-    watched_files,
-)
+from vif_hotplug.app.upstreams import read_upstreams, watched_files
+from vif_hotplug.core.errors import InvalidInput
+from vif_hotplug.core.resolvers import Upstreams, parse_resolv_conf, parse_resolved_dns
 
 DNS1 = IPv4Address("10.139.1.1")
 DNS2 = IPv4Address("10.139.1.2")
@@ -344,9 +339,6 @@ def test_watched_files_default_to_both_resolver_files() -> None:
     ],
 )
 def test_a_file_that_is_not_a_resolv_conf_is_an_error_naming_the_line(text: str, needle: str) -> None:
-    from vif_hotplug.errors import InvalidInput
-    from vif_hotplug.resolvers import parse_resolv_conf
-
     with pytest.raises(InvalidInput) as err:
         parse_resolv_conf(text, (), "/etc/resolv.conf")
     assert needle in str(err.value) and "/etc/resolv.conf" in str(err.value)
@@ -354,6 +346,4 @@ def test_a_file_that_is_not_a_resolv_conf_is_an_error_naming_the_line(text: str,
 
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n", "search lab.test\n", "nameserver\n"])
 def test_empty_or_keyword_only_files_are_not_garbage(text: str) -> None:
-    from vif_hotplug.resolvers import parse_resolv_conf
-
     assert parse_resolv_conf(text).servers == ()

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from vif_hotplug.xs_wire import (
+from vif_hotplug.xen.xs_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
     XS_ERRORS,

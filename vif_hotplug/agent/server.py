@@ -16,7 +16,8 @@ streams the log lines back and ends with the exit code.
 * A client that goes away mid-event does not cancel it; a request that
   fails or is garbage gets an error answer and the agent keeps serving.
 * Hooks run after the client has its exit code, outside any lock, with
-  their deadline, in their own thread.
+  their deadline; the next request of the same vif waits for them, as it
+  would for Qubes' bash script, requests of other vifs do not.
 * On start, ``reconcile``: a driver domain whose agent starts late does
   not leave its VMs without network.
 * systemd socket activation (``LISTEN_FDS``) or a socket of its own.
@@ -34,6 +35,7 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..app.log_setup import current_tag, own_or_warning, system_handlers, tagged
@@ -123,11 +125,19 @@ def _order_key(prog: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
 
 
 class _Lanes:
-    """One worker thread per key with work queued, in arrival order; gone when idle."""
+    """Work queued per key, run in arrival order per key, keys side by side on a pool of threads.
+
+    A fixed pool, not a thread per key: pyroute2 keeps a netlink socket per
+    thread that uses it (ipset, conntrack), so short-lived threads would
+    leave one socket behind each.
+    """
+
+    WORKERS = 32
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queues: dict[str, queue.Queue[Callable[[], None]]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="lane")
 
     def submit(self, key: str, job: Callable[[], None]) -> None:
         with self._lock:
@@ -138,7 +148,7 @@ class _Lanes:
             q = queue.Queue()
             q.put(job)
             self._queues[key] = q
-        threading.Thread(target=self._drain, args=(key, q), name=f"lane {key}", daemon=True).start()
+        self._pool.submit(self._drain, key, q)
 
     def _drain(self, key: str, q: queue.Queue[Callable[[], None]]) -> None:
         while True:
@@ -209,7 +219,9 @@ class Agent:
         send("X", str(code))
         conn.close()
         if after is not None:
-            threading.Thread(target=after, name="hooks", daemon=True).start()
+            # The client has its answer; the next event of this vif waits for
+            # these hooks (as it would for the bash script), others do not.
+            after()
 
     def _dispatch(self, prog: str, argv: list[str], env: dict[str, str], logs: _RequestLogs,
                   out: Callable[[str], None]) -> tuple[int, Callable[[], None] | None]:

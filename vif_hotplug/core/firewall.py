@@ -35,6 +35,13 @@ RejectKind = Literal["icmp-host-prohibited", "icmp-port-unreachable", "icmp6-adm
 
 #: nftables' standard priorities (``nft`` accepts them by these names).
 PRIORITY: dict[str, int] = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "srcnat": 100}
+#: nft names ICMP and ICMPv6 message types by these names (nftables' src/proto.c) and lists them so.
+ICMP_NAMES: dict[int, str] = {0: "echo-reply", 3: "destination-unreachable", 8: "echo-request", 11: "time-exceeded"}
+ICMP6_NAMES: dict[int, str] = {
+    1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded", 128: "echo-request", 129: "echo-reply",
+    133: "nd-router-solicit", 134: "nd-router-advert", 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert",
+    137: "nd-redirect",
+}
 
 
 def _ip(family: Family) -> str:
@@ -134,10 +141,14 @@ class IcmpType:
 
     types: tuple[int, ...]
 
+    def names(self, family: Family) -> list[str]:
+        table = ICMP6_NAMES if family == 6 else ICMP_NAMES
+        return [table.get(t, str(t)) for t in self.types]
+
     def text(self, family: Family) -> str:
-        kind = "icmpv6" if family == 6 else "icmp"
-        shown = str(self.types[0]) if len(self.types) == 1 else "{ " + ", ".join(map(str, self.types)) + " }"
-        return f"{kind} type {shown}"
+        names = self.names(family)
+        shown = names[0] if len(names) == 1 else "{ " + ", ".join(names) + " }"
+        return f"{'icmpv6' if family == 6 else 'icmp'} type {shown}"
 
 
 @dataclass(frozen=True, order=True)
@@ -171,10 +182,11 @@ class Reject:
     kind: RejectKind
 
     def text(self) -> str:
+        # As nft lists it (port unreachable is what a bare "reject" sends).
         return {
-            "icmp-host-prohibited": "reject with icmp type host-prohibited",
-            "icmp-port-unreachable": "reject with icmp type port-unreachable",
-            "icmp6-adm-prohibited": "reject with icmpv6 type admin-prohibited",
+            "icmp-host-prohibited": "reject with icmp host-prohibited",
+            "icmp-port-unreachable": "reject",
+            "icmp6-adm-prohibited": "reject with icmpv6 admin-prohibited",
             "tcp-reset": "reject with tcp reset",
         }[self.kind]
 
@@ -228,8 +240,13 @@ class Rule:
     verdict: Verdict | None = None
     counter: bool = False
 
+    def implied(self, p: Predicate) -> bool:
+        """A predicate the verdict implies (``reject with tcp reset`` is TCP): nft adds it itself and lists
+        the rule without it, so backends leave it out too."""
+        return isinstance(p, Proto) and p == Proto("tcp") and self.verdict == Reject("tcp-reset")
+
     def text(self, family: Family) -> str:
-        words = [p.text(family) for p in self.match]
+        words = [p.text(family) for p in self.match if not self.implied(p)]
         if self.counter:
             words.append("counter")
         if self.verdict is not None:

@@ -113,7 +113,8 @@ def plan_nat_online(n: NatNamespace) -> tuple[Step, ...]:
     ns = n.netns
     steps = [
         Step("add", Netns(ns)),
-        Step("set", LinkState(n.dev, False)),
+        # The kernel takes a device down when it changes namespace: no step for that,
+        # so a repeat (our veth has the name by then) does not bounce the link.
         Step("add", LinkNetns(n.dev, ns)),
         # Our end keeps netback's MAC (a VM's gateway MAC); the peer inside
         # has the VM's, so this netvm's neighbour entry for the VM holds.

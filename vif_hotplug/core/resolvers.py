@@ -151,7 +151,7 @@ def parse_resolved_dns(
     """
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise InvalidInput("systemd-resolved DNS property: not JSON") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise InvalidInput("systemd-resolved DNS property: no data array")

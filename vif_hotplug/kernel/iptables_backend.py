@@ -460,8 +460,13 @@ class IptablesBackend:
                 out.append(f"{head} -N {where.name}" + (" (reserved: contents left alone)" if c.kind == "reserved"
                                                          else ""))
                 if c.kind != "reserved":
-                    out += [f"{head} -A {where.name} {_describe_rule(r, t, where.table)}" for r in c.rules
-                            if r.verdict is not None]
+                    for r in c.rules:
+                        if r.verdict is None:
+                            continue
+                        text = _describe_rule(r, t, where.table)
+                        icmp = [p for p in r.match if isinstance(p, IcmpType)]
+                        for icmp_type in icmp[0].types if icmp else (None,):
+                            out.append(f"{head} -A {where.name} {text.format(icmp_type) if icmp else text}")
                 if where.builtin is not None:
                     out.append(f"{head} -I {where.builtin} -j {where.name} (kept among our jumps at the top)")
                 if c.hook is not None and _sets_policy(c, where.table):
@@ -552,8 +557,8 @@ def _describe_rule(r: Rule, t: Table, xt_table: str) -> str:
         elif isinstance(p, DPort):
             words.append(f"-p {p.proto} -m {p.proto} --dport {p.port}")
         elif isinstance(p, IcmpType):
-            words.append(f"-p icmpv6 -m icmp6 --icmpv6-type {','.join(map(str, p.types))}" if t.family == 6
-                         else f"-p icmp -m icmp --icmp-type {','.join(map(str, p.types))}")
+            # One rule per type, as installed: the placeholder is filled in by describe().
+            words.append("-p icmpv6 -m icmp6 --icmpv6-type {}" if t.family == 6 else "-p icmp -m icmp --icmp-type {}")
         elif isinstance(p, CtState):
             words.append(f"-m conntrack --ctstate {','.join(s.upper() for s in p.states)}")
         elif isinstance(p, InSet):

@@ -73,14 +73,6 @@ RESERVED_CHAINS = ("custom-input", "custom-forward")
 #: nat chain lives on in the iptables layout only).
 NOT_IN_LAYOUT = frozenset({"services"})
 
-#: nft lists ICMP types by these names (nftables' src/proto.c); rules use them too.
-ICMP_NAMES: dict[int, str] = {0: "echo-reply", 3: "destination-unreachable", 8: "echo-request", 11: "time-exceeded"}
-ICMP6_NAMES: dict[int, str] = {
-    1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded", 128: "echo-request", 129: "echo-reply",
-    133: "nd-router-solicit", 134: "nd-router-advert", 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert",
-    137: "nd-redirect",
-}
-
 _REJECT: dict[str, Json] = {
     "icmp-host-prohibited": {"type": "icmp", "expr": "host-prohibited"},
     "icmp-port-unreachable": {"type": "icmp", "expr": "port-unreachable"},
@@ -135,8 +127,7 @@ def _predicate(p: Predicate, family: Family, set_name: str | None) -> Json | Non
     if isinstance(p, DPort):
         return _match(_payload(p.proto, "dport"), p.port)
     if isinstance(p, IcmpType):
-        names = ICMP6_NAMES if family == 6 else ICMP_NAMES
-        shown = [names.get(t, t) for t in p.types]
+        shown = p.names(family)
         right: Any = shown[0] if len(shown) == 1 else {"set": shown}
         return _match(_payload("icmpv6" if family == 6 else "icmp", "type"), right)
     if isinstance(p, CtState):
@@ -175,9 +166,7 @@ def render_rule(r: Rule, family: Family) -> list[list[Json]]:
     for set_name in variants:
         expr: list[Json] = []
         for p in r.match:
-            # "reject with tcp reset" implies the protocol: nft adds it itself
-            # and lists the rule without it.
-            if isinstance(p, Proto) and p.proto == "tcp" and not p.negate and r.verdict == Reject("tcp-reset"):
+            if r.implied(p):
                 continue
             rendered = _predicate(p, family, set_name)
             if rendered is not None:

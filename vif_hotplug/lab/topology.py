@@ -31,7 +31,7 @@ TEST-NET-3; IPv6 in ULA space (RFC 4193), VMs numbered like Qubes does
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -209,36 +209,52 @@ def netvm_commands(topo: Topology) -> list[Step]:
     return steps
 
 
-def vif_commands(netvm_ns: str, vm: Vm) -> list[Step]:
-    """What netback does when ``vm`` starts: ``vifD.0`` with its fixed MAC, the VM's end in the VM.
+def backend_link_commands(netvm_ns: str, vif: str, vm_mac: str, vm_ns: str, vm_dev: str = VM_DEV) -> list[Step]:
+    """What netback does when a VM starts: ``vif`` with netback's fixed MAC, the VM's end in the VM.
 
     The vif stays down, as netback leaves it: bringing it up is the hotplug
-    script's job.
+    script's job. The peer is created straight in the VM's namespace, so no
+    device ever exists in the caller's.
     """
     return [
-        (netvm_ns, _ip("link", "add", vm.vif, "address", NETBACK_MAC, "type", "veth",
-                       "peer", "name", VM_DEV, "address", vm.mac, "netns", vm.ns)),
+        (netvm_ns, _ip("link", "add", vif, "address", NETBACK_MAC, "type", "veth",
+                       "peer", "name", vm_dev, "address", vm_mac, "netns", vm_ns)),
     ]
+
+
+def vif_commands(netvm_ns: str, vm: Vm) -> list[Step]:
+    return backend_link_commands(netvm_ns, vm.vif, vm.mac, vm.ns)
+
+
+def guest_commands(
+    ns: str, addresses: Sequence[str], gateway: str = str(GATEWAY), gateway6: str = str(GATEWAY6),
+    dev: str = VM_DEV,
+) -> list[Step]:
+    """A VM configures itself as a Qubes VM does: host addresses, the gateway pinned to netback's MAC,
+    an on-link default route (IPv6 likewise when it has an IPv6 address)."""
+    steps: list[Step] = [(ns, _ip("link", "set", "lo", "up"))]
+    for addr in addresses:
+        prefix = 128 if ":" in addr else 32
+        extra = ("nodad",) if ":" in addr else ()
+        steps.append((ns, _ip("addr", "add", f"{addr}/{prefix}", "dev", dev, *extra)))
+    steps.append((ns, _ip("link", "set", dev, "up")))
+    if any(":" not in a for a in addresses):
+        steps += [
+            (ns, _ip("neigh", "replace", gateway, "lladdr", NETBACK_MAC, "dev", dev, "nud", "permanent")),
+            (ns, _ip("route", "add", "default", "via", gateway, "dev", dev, "onlink")),
+        ]
+    if any(":" in a for a in addresses):
+        steps += [
+            (ns, _ip("-6", "neigh", "replace", gateway6, "lladdr", NETBACK_MAC, "dev", dev, "nud", "permanent")),
+            (ns, _ip("-6", "route", "add", "default", "via", gateway6, "dev", dev, "onlink")),
+        ]
+    return steps
 
 
 def vm_commands(vm: Vm) -> list[Step]:
-    """A VM configures itself as a Qubes VM does: /32, pinned gateway, on-link default route."""
-    ns = vm.ns
-    steps: list[Step] = [
-        (ns, _ip("link", "set", "lo", "up")),
-        (ns, _ip("addr", "add", f"{vm.ipv4}/32", "dev", VM_DEV)),
-        (ns, _ip("link", "set", VM_DEV, "up")),
-        (ns, _ip("neigh", "replace", str(GATEWAY), "lladdr", NETBACK_MAC, "dev", VM_DEV, "nud", "permanent")),
-        (ns, _ip("route", "add", "default", "via", str(GATEWAY), "dev", VM_DEV, "onlink")),
-    ]
-    if vm.ipv6_self is not None:
-        steps += [
-            (ns, _ip("-6", "addr", "add", f"{vm.ipv6_self}/128", "dev", VM_DEV, "nodad")),
-            (ns, _ip("-6", "neigh", "replace", str(GATEWAY6), "lladdr", NETBACK_MAC, "dev", VM_DEV,
-                     "nud", "permanent")),
-            (ns, _ip("-6", "route", "add", "default", "via", str(GATEWAY6), "dev", VM_DEV, "onlink")),
-        ]
-    return steps
+    """A lab VM configures itself (with the IPv6 address it tries even when XenStore gives none)."""
+    addresses = [str(vm.ipv4)] + ([str(vm.ipv6_self)] if vm.ipv6_self is not None else [])
+    return guest_commands(vm.ns, addresses)
 
 
 def netvm_params(ipv6: bool) -> dict[str, str]:

@@ -16,7 +16,6 @@ local daemon (a message per ``write``, replies per ``read``).
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
@@ -117,12 +116,18 @@ class XenStore:
         try:
             while data:
                 self._wait(select.POLLOUT, deadline)
-                data = data[os.write(self._fd, data):]
+                try:
+                    data = data[os.write(self._fd, data):]
+                except (BlockingIOError, InterruptedError):
+                    continue  # poll's readiness was spurious: wait again, within the deadline
             while True:
                 message = self._decoder.next_message()
                 if message is None:
                     self._wait(select.POLLIN, deadline)
-                    chunk = os.read(self._fd, _READ)
+                    try:
+                        chunk = os.read(self._fd, _READ)
+                    except (BlockingIOError, InterruptedError):
+                        continue
                     if not chunk:
                         raise self._fail("connection closed before the reply")
                     self._decoder.feed(chunk)
@@ -142,8 +147,6 @@ class XenStore:
         except WireError as exc:
             raise self._fail(f"malformed reply: {exc}") from None
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EINTR):
-                raise
             raise self._fail(str(exc.strerror or exc)) from None
 
     def _wait(self, event: int, deadline: float) -> None:
