@@ -13,12 +13,20 @@ if command -v apt-get >/dev/null; then
 fi
 python3 -m venv "$PREFIX"
 "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check .
-for tool in vif-route-qubes qubes-setup-dnat-to-ns vif-hotplug; do
-    ln -sf "$PREFIX/bin/$tool" "/usr/local/bin/$tool"
-done
-# The thin client, runnable without site-packages (python3 -I -S).
+# The thin client, a module importable without site-packages (python3 -I -S),
+# byte-compiled here; the tools on PATH start it, not the full package: the
+# agent does the work when it runs (README, Resident agent).
 install -d "$PREFIX/libexec"
-install -m 0644 vif_hotplug/agent/client.py "$PREFIX/libexec/vif-hotplug-client"
+install -m 0644 vif_hotplug/agent/client.py "$PREFIX/libexec/vif_hotplug_client.py"
+"$PREFIX/bin/python" -m compileall -q "$PREFIX/libexec"
+for tool in vif-route-qubes qubes-setup-dnat-to-ns vif-hotplug; do
+    rm -f "/usr/local/bin/$tool"
+    cat > "/usr/local/bin/$tool" <<WRAPPER
+#!/bin/sh
+exec "$PREFIX/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; import vif_hotplug_client; vif_hotplug_client.main()' "$PREFIX/libexec" $tool "\$@"
+WRAPPER
+    chmod 0755 "/usr/local/bin/$tool"
+done
 
 install -d /etc/xen/scripts /etc/udev/rules.d /etc/vif-hotplug
 sed "s|/opt/vif-hotplug|$PREFIX|" etc/xen/scripts/vif-route-qubes > /etc/xen/scripts/vif-route-qubes

@@ -117,12 +117,12 @@ def _init(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: L
     if args.dry_run or args.verbose:
         out("\n".join(plan_text(result.plan, runtime.host(settings, backend))))
     if args.dry_run:
-        return result.status
+        return 0
     if result.changes:
         log.info("init applied: %d change(s)", result.changes)
     else:
         log.info("init already in place: nothing changed")
-    return result.status
+    return 0
 
 
 def _stop(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
@@ -235,6 +235,8 @@ def _reconcile(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, lo
         epilog="exit status: 0 success (changed or not), 1 error, 2 usage.")
     _common(p)
     p.add_argument("-n", "--dry-run", action="store_true", help="print what would change and change nothing")
+    p.add_argument("--resolv-conf", metavar="PATH",
+                   help="the DNS rules' upstreams from PATH (as init --resolv-conf) instead of the system's")
     args = _parse(p, argv)
     if isinstance(args, int):
         return args
@@ -247,7 +249,7 @@ def _reconcile(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, lo
         try:
             marker = read_marker(settings)
             result = reconcile(settings, host, xs, runtime.qubesdb(settings), dry_run=args.dry_run,
-                               base=bool(marker and marker.init))
+                               base=bool(marker and marker.init), resolv_conf=args.resolv_conf)
         finally:
             xs.close()
     except HotplugError as exc:

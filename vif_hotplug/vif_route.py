@@ -9,8 +9,9 @@ environment, wires XenStore and the kernel, and calls
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app.log_setup import LogControl
@@ -51,6 +52,22 @@ hotplug-status=error and hotplug-error written when XenStore is reachable),
 2 usage error."""
 
 
+#: Parsers built once per program name (a resident agent parses every event);
+#: parse_intermixed_args changes the parser while it works: one parse at a time.
+_PARSERS: dict[str, object] = {}
+_PARSING = threading.Lock()
+
+
+def _parse(prog: str, argv: Sequence[str]) -> object:
+    with _PARSING:
+        parser = _PARSERS.get(prog)
+        if parser is None:
+            parser = _PARSERS[prog] = _parser(prog)
+        # Intermixed: the toolstack puts key=value words after the command,
+        # a person may put options anywhere.
+        return parser.parse_intermixed_args(list(argv))  # type: ignore[attr-defined]
+
+
 def _parser(prog: str) -> object:
     import argparse
 
@@ -84,11 +101,8 @@ def run(
     from .xenstore_env import parse_invocation
 
     log = logging.getLogger("vif_hotplug.vif_route")
-    parser = _parser(prog)
     try:
-        # Intermixed: the toolstack puts key=value words after the command,
-        # a person may put options anywhere.
-        ns = parser.parse_intermixed_args(list(argv))  # type: ignore[attr-defined]
+        ns: Any = _parse(prog, argv)
     except SystemExit as exc:  # argparse "exits" after --help (0) and on usage errors (2)
         return (exc.code if isinstance(exc.code, int) else 2), None
     if ns.verbose:
@@ -97,7 +111,7 @@ def run(
         settings = settings_from_env(env)
         event = parse_invocation([ns.command, *ns.args], env)
     except InvalidInput as exc:
-        log.error("%s: %s", env.get("vif") or "-", exc)
+        log.error("%s: %s", _shown(env.get("vif") or "-"), exc)
         if not ns.dry_run:
             _report_invalid(env, runtime, str(exc))
         return 1, None
@@ -130,6 +144,13 @@ def run(
             log.warning("%s: hooks: %s", hooks.dev, exc)
 
     return outcome.exit_code, run_hooks
+
+
+def _shown(value: str) -> str:
+    """An unvalidated name as a log prefix: as is if plainly printable, else escaped (one line, encodable)."""
+    if value.isascii() and value.isprintable() and " " not in value and len(value) <= 32:
+        return value
+    return ascii(value)
 
 
 def _report_invalid(env: Mapping[str, str], runtime: Runtime, message: str) -> None:

@@ -75,7 +75,7 @@ def prefix(tmp_path: Path) -> Path:
     (tmp_path / "bin" / "python3").symlink_to(venv / "bin" / "python3")
     (tmp_path / "lib").symlink_to(venv / "lib")
     (tmp_path / "pyvenv.cfg").write_text((venv / "pyvenv.cfg").read_text())
-    (tmp_path / "libexec" / "vif-hotplug-client").symlink_to(CLIENT)
+    (tmp_path / "libexec" / "vif_hotplug_client.py").symlink_to(CLIENT)
     return tmp_path
 
 
@@ -277,11 +277,13 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(netvm: Netvm) -> 
     agent = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{netvm.ns.name}", "sh", "-c",
          f'LISTEN_PID=$$ exec {entry_point("vif-hotplug")} agent --no-start-up'],
-        env=env, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        # Descriptor 3, as systemd passes it: made in preexec_fn, kept by pass_fds (closing comes after).
+        env=env, pass_fds=(listener.fileno(), 3), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, preexec_fn=lambda: os.dup2(listener.fileno(), 3),
     )
     try:
-        proc = netvm.hotplug("online", 4, env={"VIF_HOTPLUG_AGENT_SOCKET": str(path), **ONLY_THE_AGENT})
+        proc = netvm.hotplug("online", 4, env={"VIF_HOTPLUG_AGENT_SOCKET": str(path), "VIF_HOTPLUG_AGENT": "on",
+                                               **ONLY_THE_AGENT})
         assert proc.returncode == 0 and netvm.status(4) == "connected"
     finally:
         agent.terminate()

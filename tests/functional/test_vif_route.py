@@ -433,10 +433,11 @@ def test_help_explains_both_invocation_forms() -> None:
     assert "XENBUS_PATH" in out and "vif4.0" in out and "exit status" in out
 
 
-def test_etc_wrapper_execs_the_module_by_absolute_interpreter_path() -> None:
+def test_etc_wrapper_execs_the_thin_client_by_absolute_interpreter_path() -> None:
     text = Path(__file__).parents[2].joinpath("etc/xen/scripts/vif-route-qubes").read_text()
     exec_line = next(line for line in text.splitlines() if line.startswith("exec "))
-    assert '/bin/python3" -m vif_hotplug.vif_route "$@"' in exec_line
+    assert exec_line.startswith('exec "$prefix/bin/python3" -I -S -c ')
+    assert "import vif_hotplug_client" in exec_line and exec_line.endswith('"$prefix/libexec" vif-route-qubes "$@"')
     assert os.access(Path(__file__).parents[2] / "etc/xen/scripts/vif-route-qubes", os.X_OK)
 
 

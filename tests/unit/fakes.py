@@ -100,6 +100,7 @@ class FakeKernel:
 
     def __init__(self, *, ipv6_in_kernel: bool = True, defaults: dict[str, str] | None = None) -> None:
         self.ipv6_in_kernel = ipv6_in_kernel
+        self.connected_source: str | None = None
         self.defaults = dict(KERNEL_DEFAULTS if defaults is None else defaults)
         self.namespaces: dict[Netname, dict[str, str]] = {None: self._globals()}
         self.links: dict[tuple[Netname, str], FakeLink] = {}
@@ -228,8 +229,17 @@ class FakeKernel:
     def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
         return sorted(e for e in self.set_elements if e.family == family and e.set == set_name)
 
+    def connected_synced(self) -> str | None:
+        return self.connected_source
+
+    def record_connected(self, source: str | None) -> None:
+        self.connected_source = source
+
     def group_members(self, group: int) -> list[str]:
         return sorted(name for (netns, name), link in self.links.items() if netns is None and link.group == group)
+
+    def vif_devices(self) -> list[tuple[str, str | None]]:
+        return sorted((name, link.alias) for (netns, name), link in self.links.items() if netns is None)
 
     # --- links ------------------------------------------------------------------------------
 
@@ -545,8 +555,9 @@ class FakeKernel:
 
     def _purge(self, p: ConntrackPurge) -> None:
         self._maybe_fail("run", p)
-        self.purged.append(p.address)
-        self.conntrack.discard(p.address)
+        for address in p.addresses:
+            self.purged.append(address)
+            self.conntrack.discard(address)
 
     def _routed_elsewhere(self, network: str, dev: str) -> bool:
         dest = str(ip_network(network))
@@ -563,7 +574,7 @@ class FakeKernel:
         self.set_elements.discard(SetElement(r.family, "downstream", r.network))
         net = ip_network(r.network)
         if net.prefixlen == net.max_prefixlen:
-            self._purge(ConntrackPurge(str(net.network_address)))
+            self._purge(ConntrackPurge((str(net.network_address),)))
 
 
 class FakeXenStore:

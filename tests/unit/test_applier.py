@@ -341,7 +341,7 @@ def test_check_reports_every_setting_of_a_vanished_device_as_missing() -> None:
 
 def test_check_never_reports_a_run_step() -> None:
     k = kernel()
-    assert check([Step("run", ConntrackPurge("10.137.0.5"))], k) == []
+    assert check([Step("run", ConntrackPurge(("10.137.0.5",)))], k) == []
 
 
 def test_check_reports_a_failing_read_as_unreadable() -> None:
@@ -405,9 +405,9 @@ def test_an_action_step_runs_each_time() -> None:
     ran: list[str] = []
 
     class Host:
-        handlers = {ConntrackPurge: ActionOps(lambda p: ran.append(p.address))}
+        handlers = {ConntrackPurge: ActionOps(lambda p: ran.extend(p.addresses))}
 
-    steps = [Step("run", ConntrackPurge("10.137.0.5"))]
+    steps = [Step("run", ConntrackPurge(("10.137.0.5",)))]
     apply_all_or_nothing(steps, Host(), DEV)
     apply_all_or_nothing(steps, Host(), DEV)
     assert ran == ["10.137.0.5", "10.137.0.5"]

@@ -43,7 +43,6 @@ from vif_hotplug.core.plan_vif import (
     Mapped,
     OfflineInputs,
     OnlineInputs,
-    merge_networks,
     plan_offline,
     plan_online,
 )
@@ -113,7 +112,7 @@ BEFORE_LINK_UP = [
     ("neighbour4", Step("add", Neighbour(DEV, str(A4.network_address), MAC))),
     ("neighbour6", Step("add", Neighbour(DEV, str(A6.network_address), MAC))),
     ("proxy_arp", Step("set", dev_sysctl("ipv4/proxy_arp", DEV, "1"))),
-    ("conntrack purge", Step("run", ConntrackPurge(str(A4.network_address)))),
+    ("conntrack purge", Step("run", ConntrackPurge((str(A4.network_address), str(A6.network_address))))),
 ]
 
 
@@ -195,14 +194,14 @@ def test_a_network_gets_a_route_and_set_elements_but_no_neighbour() -> None:
     assert not [x for x in t if isinstance(x, Neighbour)]
 
 
-def test_conntrack_entries_are_purged_for_each_new_host_address() -> None:
-    purged = [t.address for t in targets(online(A4, A6, NET4)) if isinstance(t, ConntrackPurge)]
+def test_conntrack_entries_are_purged_for_each_new_host_address_in_one_pass() -> None:
+    purged = [a for t in targets(online(A4, A6, NET4)) if isinstance(t, ConntrackPurge) for a in t.addresses]
     assert purged == [str(A4.network_address), str(A6.network_address)]
 
 
 def test_conntrack_entries_of_an_address_the_vif_already_allows_are_kept() -> None:
     plan = online(A4, B4, already_allowed=frozenset({str(A4)}))
-    assert [t.address for t in targets(plan) if isinstance(t, ConntrackPurge)] == [str(B4.network_address)]
+    assert [a for t in targets(plan) if isinstance(t, ConntrackPurge) for a in t.addresses] == [str(B4.network_address)]
 
 
 # --- online: IPv6 ------------------------------------------------------------------------------------
@@ -574,11 +573,7 @@ def test_connected_steps_are_empty_when_the_sets_hold_exactly_the_addresses() ->
     assert connected_steps(Connected((), (ip_address("fd09::5"),)), present, (4, 6)) == ()  # type: ignore[arg-type]
 
 
-# --- merge_networks and dry-run text ------------------------------------------------------------------------
-
-
-def test_merge_networks_keeps_first_seen_order_without_duplicates() -> None:
-    assert merge_networks((B4, A4), (A4, A6), (B4,)) == (B4, A4, A6)
+# --- dry-run text ------------------------------------------------------------------------
 
 
 def test_plan_lines_show_each_change_as_a_command() -> None:

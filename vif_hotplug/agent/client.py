@@ -1,16 +1,19 @@
 """The thin client: hand a command to the resident agent, stream its answer, exit with its code.
 
-Only what a bare interpreter has loaded already (``os``, ``sys``) and the C
-module ``_socket``: this file is also run on its own (``python3 -I -S
-.../vif-hotplug-client PROG ARGS...``, as the ``/etc/xen/scripts`` wrapper
-does), and on this project's machine ``import socket`` or ``import json``
-each cost more than the whole round trip to the agent. When the agent
-cannot take the command (no socket, refused, not root's, or it dies
-mid-command), the work is done without it (:func:`main` starts the full
-entry point); every command is idempotent, so a repeat after a half-done
-attempt is safe.
+Only built-in modules a bare interpreter has (``sys``, ``posix``) and the C
+module ``_socket``: this file is also installed on its own, as the module
+``vif_hotplug_client`` in ``PREFIX/libexec``, which the ``/etc/xen/scripts``
+wrapper and the tools on PATH import under ``python3 -I -S`` (imported, so
+its byte code is cached). Measured on this project's machine, ``import os``
+alone costs a ``-S`` interpreter 3 ms (``_collections_abc``), ``import
+socket`` or ``import json`` more than the whole round trip to the agent.
+When the agent cannot take the command (no socket, refused, not root's, or
+it dies mid-command), the work is done without it (:func:`main` starts the
+full entry point); every command is idempotent, so a repeat after a
+half-done attempt is safe.
 
-Wire format (:data:`MAGIC`), both ways UTF-8:
+Wire format (:data:`MAGIC`), both ways UTF-8 (the environment as the
+process got it, bytes):
 
 * request: NUL-terminated strings ``MAGIC, prog, len(argv), *argv,
   *("KEY=VALUE" for the environment)``, then the client shuts its side;
@@ -18,11 +21,17 @@ Wire format (:data:`MAGIC`), both ways UTF-8:
   stdout), and last ``X<code>``.
 """
 
-from __future__ import annotations
-
 import _socket
-import os
+import posix
 import sys
+
+# Not typing's TYPE_CHECKING, nor ``from __future__ import annotations``:
+# importing either costs more than this whole client. Annotations are quoted.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    Env = Mapping[str, str] | Mapping[bytes, bytes]
 
 MAGIC = "VIFHOTPLUG1"
 DEFAULT_STATE_DIR = "/run/vif-hotplug"
@@ -33,19 +42,31 @@ TIMEOUT = 90.0
 PROGS = ("vif-route-qubes", "qubes-setup-dnat-to-ns", "vif-hotplug")
 
 
-def socket_path(env: os._Environ[str] | dict[str, str]) -> str:
-    state = env.get("VIF_HOTPLUG_STATE_DIR") or DEFAULT_STATE_DIR
-    return env.get("VIF_HOTPLUG_AGENT_SOCKET") or os.path.join(state, "agent.sock")
+def _get(env: "Env", name: str) -> "str | None":
+    value = env.get(name.encode()) if isinstance(next(iter(env), ""), bytes) else env.get(name)  # type: ignore[call-overload]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return value
 
 
-def encode_request(prog: str, argv: list[str], env: os._Environ[str] | dict[str, str]) -> bytes:
-    words = [MAGIC, prog, str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())]
-    return "".join(w + "\0" for w in words).encode("utf-8", "surrogateescape")
+def socket_path(env: "Env") -> str:
+    state = _get(env, "VIF_HOTPLUG_STATE_DIR") or DEFAULT_STATE_DIR
+    return _get(env, "VIF_HOTPLUG_AGENT_SOCKET") or state.rstrip("/") + "/agent.sock"
 
 
-def via_agent(prog: str, argv: list[str], env: os._Environ[str] | dict[str, str]) -> int | None:
+def encode_request(prog: str, argv: "list[str]", env: "Env") -> bytes:
+    words = [w.encode("utf-8", "surrogateescape") for w in (MAGIC, prog, str(len(argv)), *argv)]
+    for k, v in env.items():
+        if isinstance(k, bytes) and isinstance(v, bytes):
+            words.append(k + b"=" + v)
+        elif isinstance(k, str) and isinstance(v, str):
+            words.append(f"{k}={v}".encode("utf-8", "surrogateescape"))
+    return b"".join(w + b"\0" for w in words)
+
+
+def via_agent(prog: str, argv: "list[str]", env: "Env") -> "int | None":
     """The agent's exit code for ``prog argv``, or ``None`` when it could not do the command."""
-    if env.get("VIF_HOTPLUG_AGENT") == "off":
+    if _get(env, "VIF_HOTPLUG_AGENT") == "off":
         return None
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -67,7 +88,7 @@ def via_agent(prog: str, argv: list[str], env: os._Environ[str] | dict[str, str]
         sock.close()
 
 
-def _relay(sock: _socket.socket) -> int | None:
+def _relay(sock: "_socket.socket") -> "int | None":
     """Copy the agent's lines to stderr/stdout until its exit code; ``None`` if it went away first."""
     pending = b""
     while True:
@@ -89,14 +110,16 @@ def _relay(sock: _socket.socket) -> int | None:
 
 
 def main() -> None:
-    """``client.py PROG ARGS...``: the agent's answer, else the full entry point in a new interpreter."""
+    """``PROG ARGS...`` in ``sys.argv[1:]``: the agent's answer, else the full entry point in a new interpreter."""
     prog, argv = sys.argv[1], sys.argv[2:]
-    code = via_agent(prog, argv, os.environ) if prog in PROGS else None
+    env = posix.environ
+    code = via_agent(prog, argv, env) if prog in PROGS else None
     if code is not None:
         sys.exit(code)
     module = {"vif-route-qubes": "vif_hotplug.vif_route", "qubes-setup-dnat-to-ns": "vif_hotplug.setup_dnat_to_ns"}
-    env = dict(os.environ, VIF_HOTPLUG_AGENT="off")  # asked already
-    os.execve(sys.executable, [sys.executable, "-I", "-m", module.get(prog, "vif_hotplug.cli"), *argv], env)
+    env = dict(env)
+    env[b"VIF_HOTPLUG_AGENT"] = b"off"  # asked already
+    posix.execve(sys.executable, [sys.executable, "-I", "-m", module.get(prog, "vif_hotplug.cli"), *argv], env)
 
 
 if __name__ == "__main__":

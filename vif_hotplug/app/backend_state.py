@@ -92,10 +92,13 @@ def switch(settings: Settings, runtime: Runtime, chosen: BackendName, marker: Ma
 
     xs = runtime.xenstore(settings)
     try:
-        reconcile(settings, runtime.host(settings, chosen), xs, runtime.qubesdb(settings))
+        host = runtime.host(settings, chosen)
+        host.record_connected(None)  # compared in full: the sets may be new
+        reconcile(settings, host, xs, runtime.qubesdb(settings))
     finally:
         xs.close()
-    former = runtime.host(settings, other(chosen)).firewall
-    if former.owns_state():
-        former.remove_all()
+    former = runtime.host(settings, other(chosen))
+    if former.firewall.owns_state():
+        former.firewall.remove_all()
+    former.record_connected(None)
     write_marker(settings, Marker(chosen))

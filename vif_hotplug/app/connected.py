@@ -1,19 +1,25 @@
 """``vif-hotplug connected-ips``: bring the ``connected`` sets up to date with their source.
 
 The sets hold the addresses of every VM that uses this netvm, running or
-not (:mod:`vif_hotplug.core.plan_connected`); every hotplug event and
-``init`` update them too. ``--watch`` re-reads the sources every
+not (:mod:`vif_hotplug.core.plan_connected`); ``init``, ``reconcile`` and
+this command compare them with their source in full. A hotplug event
+compares the source with the one the sets were last brought up to
+(a file in the state directory) and lists the sets
+only when it changed: listing them costs as much as there are VMs, and an
+event must not. ``--watch`` re-reads the sources every
 :data:`WATCH_INTERVAL` seconds until SIGTERM/SIGINT, for a netvm whose
 source (QubesDB) changes while no VM starts or stops.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import select
 
 from ..core.errors import HotplugError, InvalidInput
-from ..core.netvm_params import Reader, resolve_connected
+from ..core.firewall import Family
+from ..core.netvm_params import Connected, Reader, resolve_connected
 from ..core.plan_base import families_of
 from ..core.plan_connected import connected_steps
 from ..kernel.locks import file_lock
@@ -28,6 +34,12 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL = 2.0
 
 
+def source_text(connected: Connected, families: tuple[Family, ...]) -> str:
+    """The connected addresses as the state file records them (see :meth:`HotplugHost.connected_synced`)."""
+    return json.dumps({"ipv4": [str(a) for a in connected.ipv4], "ipv6": [str(a) for a in connected.ipv6],
+                       "families": list(families)}, sort_keys=True)
+
+
 def update_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | None, xenstore: Reader | None) -> int:
     """Changes made to the ``connected`` sets (0 when no source lists any). Raises ``HotplugError``."""
     if settings.conf_error is not None:
@@ -40,7 +52,9 @@ def update_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | No
     with file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock"):
         present = [e for f in families for e in host.elements(f, "connected")]
         steps = connected_steps(connected, present, families)
-        return len(apply_all_or_nothing(steps, host, "connected-ips").changed)
+        changed = len(apply_all_or_nothing(steps, host, "connected-ips").changed)
+        host.record_connected(source_text(connected, families))
+        return changed
 
 
 def watch_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | None, xenstore: Reader | None) -> int:

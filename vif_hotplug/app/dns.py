@@ -132,7 +132,7 @@ def forget_flows(virtual: Sequence[IPv4Address]) -> None:
     from ..kernel.conntrack import purge_conntrack
 
     try:
-        removed = sum(purge_conntrack(str(addr)) for addr in virtual)
+        removed = purge_conntrack([str(addr) for addr in virtual])
         if removed:
             log.info("deleted %d conntrack entries to the virtual resolvers", removed)
     except KernelError as exc:

@@ -13,18 +13,38 @@ and touches only this vif's objects.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from ..core.firewall import Family, SetElement
 from ..core.model import Hooks, IPNetwork, NetvmParams, Plan, Step
-from ..core.netvm_params import Connected, Reader, resolve_connected, resolve_harden, resolve_mapped, resolve_params
+from ..core.netvm_params import (
+    CONNECTED_XENSTORE,
+    QUBES_NAMES,
+    Connected,
+    Reader,
+    resolve_connected,
+    resolve_harden,
+    resolve_mapped,
+    resolve_params,
+)
 from ..core.plan_base import families_of
 from ..core.plan_connected import connected_steps
 from ..core.plan_vif import OfflineInputs, OnlineInputs, plan_offline, plan_online
 from ..core.validation import parse_vm_addresses
-from ..xenstore_env import BackendConfig, HotplugEvent, XenStorePort, read_backend, report_connected, report_error
+from ..xenstore_env import (
+    BACKEND_KEYS,
+    BackendConfig,
+    HotplugEvent,
+    Prefetched,
+    XenStorePort,
+    read_backend,
+    report_connected,
+    report_error,
+)
 from .applier import StepHook, apply_all_or_nothing, apply_best_effort, rollback
+from .connected import source_text
 from .ports import HotplugHost, Lock
 from .settings import Settings
 
@@ -93,6 +113,13 @@ def handle_event(
     return Outcome(1, event.dev, error=error)
 
 
+def _prefetched(xs: XenStorePort, event: HotplugEvent) -> XenStorePort:
+    """Every key an event may read, asked for at once (the netvm's keys only matter when
+    netvm.conf and QubesDB lack them, but cost nothing extra in the same round trip)."""
+    keys = [f"{event.xenbus_path}/{k}" for k in BACKEND_KEYS]
+    return Prefetched(xs, keys + list(QUBES_NAMES.values()) + list(CONNECTED_XENSTORE.values()))
+
+
 def _check_identity(event: HotplugEvent, backend: BackendConfig, host: HotplugHost) -> None:
     # Only ever act on this vif: a name from the environment must be
     # netback's, the configured vifname, or a device renamed from it.
@@ -104,6 +131,7 @@ def _online(
     event: HotplugEvent, settings: Settings, host: HotplugHost, xs: XenStorePort, qubesdb: Reader | None,
     lock: Lock, dry_run: bool, on_step: StepHook | None,
 ) -> Outcome:
+    xs = _prefetched(xs, event)
     backend = read_backend(xs, event.xenbus_path, require=True)
     vm = backend.vm
     if vm is None:  # read_backend(require=True) never says so
@@ -134,7 +162,7 @@ def _online(
             dev, event.vif.domid, vm, netvm, facts, settings.hooks_dir, rename_from, mapped, already,
             host.local_addresses(hosts), harden,
         ))
-        plan = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
+        plan, synced = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
         _log_plan(plan)
         if dry_run:
             return Outcome(0, dev, plan)
@@ -146,6 +174,8 @@ def _online(
             log.error("%s: cannot report connected: undoing %d change(s)", dev, len(applied.undo))
             rollback(applied.undo, host, dev)
             raise
+        if synced is not None:
+            synced()
     log.info("%s: online done, %d change(s)", dev, len(applied.changed))
     return Outcome(0, dev, plan, applied.changed)
 
@@ -156,6 +186,7 @@ def _offline(
 ) -> Outcome:
     # Offline must clean up whatever a bad value cannot stop being in the
     # kernel: this vif's set elements name it, so they are found without it.
+    xs = _prefetched(xs, event)
     try:
         backend = read_backend(xs, event.xenbus_path, require=False)
     except InvalidInput as exc:
@@ -185,11 +216,13 @@ def _offline(
         plan = plan_offline(OfflineInputs(
             dev, event.vif.domid, networks, netvm, facts, settings.hooks_dir, vif_type, harden,
         ))
-        plan = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
+        plan, synced = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
         _log_plan(plan)
         if dry_run:
             return Outcome(0, dev, plan)
         changed = apply_best_effort(plan.steps, host, dev, on_step)
+        if synced is not None:
+            synced()
     log.info("%s: offline done, %d change(s)", dev, len(changed))
     return Outcome(0, dev, plan, tuple(changed))
 
@@ -202,14 +235,24 @@ def _offline_device(host: HotplugHost, given: str, vifname: str | None) -> str:
     return host.find_by_alias(given) or vifname or given
 
 
-def _with_connected(plan: Plan, connected: Connected | None, host: HotplugHost, ipv6_in_kernel: bool) -> Plan:
-    """``plan`` followed by what brings the connected sets up to date (nothing when no source has them)."""
+def _with_connected(
+    plan: Plan, connected: Connected | None, host: HotplugHost, ipv6_in_kernel: bool,
+) -> tuple[Plan, Callable[[], None] | None]:
+    """``plan`` followed by what brings the connected sets up to date, and what records that once applied.
+
+    Nothing when no source has them, or when the source is the one the sets
+    were last brought up to (the sets are listed only when it changed).
+    """
     if connected is None:
-        return plan
+        return plan, None
     families = families_of(ipv6_in_kernel)
+    text = source_text(connected, families)
+    if host.connected_synced() == text:
+        return plan, None
     present = [e for family in families for e in host.elements(family, "connected")]
     extra = connected_steps(connected, present, families)
-    return Plan(plan.command, plan.dev, plan.steps + extra, plan.notes, plan.hooks) if extra else plan
+    plan = Plan(plan.command, plan.dev, plan.steps + extra, plan.notes, plan.hooks) if extra else plan
+    return plan, lambda: host.record_connected(text)
 
 
 def _log_plan(plan: Plan) -> None:

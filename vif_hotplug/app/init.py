@@ -107,8 +107,6 @@ def stop(host: HotplugHost, ipv6_in_kernel: bool) -> int:
 
 @dataclass(frozen=True)
 class InitResult:
-    #: 0, or 1 when netvm.conf is broken (the firewall then went in with IPv6 off).
-    status: int
     changes: int
     plan: Plan
 
@@ -117,38 +115,40 @@ def initialize(
     settings: Settings, runtime: Runtime, backend: BackendName, *, dry_run: bool = False,
     on_step: StepHook | None = None, resolv_conf: str | None = None,
 ) -> InitResult:
-    """The whole of ``init`` on firewall ``backend`` (see the module docstring). Raises ``HotplugError``."""
+    """The whole of ``init`` on firewall ``backend`` (see the module docstring).
+
+    Raises ``HotplugError``; bad netvm parameters (a broken netvm.conf) are
+    ``InvalidInput`` before anything is changed: a netvm without ``init``
+    forwards nothing, which is the safe side.
+    """
     from ..kernel.sysctl import kernel_has_ipv6
     from .reconcile import reconcile
 
-    status = 0
     xs = runtime.xenstore(settings)
     qubesdb = runtime.qubesdb(settings)
     try:
-        try:
-            params = netvm_params(settings, qubesdb, xs.read)
-        except InvalidInput as exc:
-            log.error("%s: applying with IPv6 off", exc)
-            params, status = NetvmParams(), 1
+        params = netvm_params(settings, qubesdb, xs.read)
         host = runtime.host(settings, backend)
         plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read,
                          dns_ruleset(params, resolv_conf))
         for note in plan.notes:
             log.info("%s", note)
         if dry_run:
-            return InitResult(status, 0, plan)
+            return InitResult(0, plan)
         applied = apply_init(plan, host, on_step)
+        host.record_connected(None)  # the next event compares the connected sets in full again
         changes = len(applied.changed)
         if any(s.target.what == "dns" for s in applied.changed if isinstance(s.target, Ruleset)):
             forget_flows(params.virtual_dns)
         changes += reconcile(settings, host, xs, qubesdb).changes
         # Only now that the new anti-spoofing holds every vif: the old one goes.
-        former = runtime.host(settings, other(backend)).firewall
+        former = runtime.host(settings, other(backend))
         old = read_marker(settings)
-        if (old is None or old.backend != backend) and former.owns_state() and former.remove_all():
-            log.info("removed this package's firewall objects from %s", former.name)
+        if (old is None or old.backend != backend) and former.firewall.owns_state() and former.firewall.remove_all():
+            log.info("removed this package's firewall objects from %s", former.firewall.name)
             changes += 1
+        former.record_connected(None)
         write_marker(settings, Marker(backend, init=True))
     finally:
         xs.close()
-    return InitResult(status, changes, plan)
+    return InitResult(changes, plan)

@@ -33,6 +33,14 @@ class KernelFacts(Protocol):
 
     def elements(self, family: Family, set_name: SetName) -> list[SetElement]: ...
 
+    def connected_synced(self) -> str | None:
+        """The connected addresses the ``connected`` sets were last brought up to (``None``: unknown)."""
+        ...
+
+    def record_connected(self, source: str | None) -> None:
+        """The ``connected`` sets now hold ``source`` (``None``: unknown, compare in full next time)."""
+        ...
+
 
 class HotplugHost(KernelFacts, Host, Protocol):
     """The kernel as one hotplug event sees it: facts to plan from, handlers to apply with."""
@@ -43,6 +51,10 @@ class NetvmHost(HotplugHost, Protocol):
 
     def group_members(self, group: int) -> list[str]:
         """Names of the links in interface ``group`` (a dump)."""
+        ...
+
+    def vif_devices(self) -> list[tuple[str, str | None]]:
+        """(name, alias) of every link (a dump); the caller picks the VM interfaces."""
         ...
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import HotplugError, InvalidInput
 from ..core.firewall import Family, SetElement
-from ..core.model import VIF_GROUP, AddressRelease, Plan, Step
+from ..core.model import AddressRelease, Plan, Step
 from ..core.netvm_params import Reader
 from ..core.plan_base import families_of
 from ..core.plan_nat import plan_nat_offline
@@ -35,7 +35,7 @@ from ..core.validation import VifId, parse_vm_addresses, parse_xenbus_path
 from ..kernel.locks import file_lock
 from ..kernel.netns import NETNS_DIR
 from ..xenstore_env import HotplugEvent, XenStoreTree
-from .applier import apply_all_or_nothing, apply_best_effort
+from .applier import apply_all_or_nothing, apply_best_effort, check_all
 from .hooks import run_hooks
 from .hotplug import handle_event
 from .ports import NetvmHost
@@ -75,20 +75,25 @@ def online_vifs(xs: XenStoreTree) -> list[VifId]:
 
 def reconcile(
     settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, *, dry_run: bool = False,
-    base: bool = False,
+    base: bool = False, resolv_conf: str | None = None,
 ) -> ReconcileResult:
     """Bring every vif to its desired state and remove what belongs to vifs that are gone.
 
-    ``base``: ``init`` ran on this netvm, so its firewall, DNS rules and
-    forwarding are part of the desired state too.
+    ``base``: ``init`` ran on this netvm, so its firewall, DNS rules (their
+    upstreams from ``resolv_conf``, default the system's) and forwarding are
+    part of the desired state too.
     """
     result = ReconcileResult()
+    if not dry_run:
+        host.record_connected(None)  # its first event compares the connected sets in full
     if base:
-        _reconcile_base(settings, host, xs, qubesdb, dry_run, result)
+        _reconcile_base(settings, host, xs, qubesdb, dry_run, result, resolv_conf)
     def lock() -> AbstractContextManager[None]:
         return file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock")
 
     wanted: set[str] = set()
+    #: The allowed elements online vifs want: others of theirs (an ``ip`` that changed) go too.
+    elements: set[SetElement] = set()
     for vif in online_vifs(xs):
         dev = _device(host, xs, vif)
         if dev is None:
@@ -100,13 +105,15 @@ def reconcile(
             result.errors.append(f"{outcome.dev}: {outcome.error}")
             continue
         result.online.append(outcome.dev)
+        if outcome.plan is not None:
+            elements |= {s.target for s in outcome.plan.steps if isinstance(s.target, SetElement)}
         result.changes += len(outcome.changed)
         if outcome.plan is not None and dry_run:
             result.plans.append(outcome.plan)
         if outcome.hooks is not None and not dry_run:
             run_hooks(outcome.hooks)
     with lock():
-        steps = _gone_steps(host, wanted)
+        steps = _gone_steps(host, wanted, elements)
     if steps:
         plan = Plan("reconcile", "reconcile", tuple(steps))
         result.plans.append(plan)
@@ -116,32 +123,37 @@ def reconcile(
                 result.changes += len(apply_best_effort(steps, host, "reconcile"))
             except HotplugError as exc:
                 result.errors.append(str(exc))
-    for dev in _stray_vifs(host, wanted):
-        stray = _vif_of(dev)
-        if stray is None:
-            continue
+    for dev, stray in _stray_vifs(host, wanted):
         outcome = handle_event(HotplugEvent("offline", stray, dev), settings, host, xs, qubesdb, lock,
                                dry_run=dry_run)
-        result.removed.append(f"{dev}: offline ({len(outcome.changed)} change(s))")
+        if outcome.changed or (dry_run and outcome.plan is not None and _would_change(outcome.plan, host)):
+            result.removed.append(f"{dev}: offline ({len(outcome.changed)} change(s))")
+            if dry_run and outcome.plan is not None:
+                result.plans.append(outcome.plan)
         result.changes += len(outcome.changed)
         if outcome.exit_code != 0:
             result.errors.append(f"{dev}: {outcome.error}")
     return result
 
 
+def _would_change(plan: Plan, host: NetvmHost) -> bool:
+    return any(detail is not None for _, detail in check_all(list(plan.steps), host))
+
+
 def _reconcile_base(
     settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, dry_run: bool,
-    result: ReconcileResult,
+    result: ReconcileResult, resolv_conf: str | None,
 ) -> None:
     from ..kernel.sysctl import kernel_has_ipv6
     from .init import dns_ruleset, netvm_params, plan_init
 
     try:
         params = netvm_params(settings, qubesdb, xs.read)
-        plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read, dns_ruleset(params, None))
+        plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read, dns_ruleset(params, resolv_conf))
         result.plans.append(plan)
         if not dry_run:
             result.changes += len(apply_all_or_nothing(plan.steps, host, "reconcile").changed)
+            host.record_connected(None)  # the next event compares the connected sets in full again
     except HotplugError as exc:
         result.errors.append(f"netvm firewall: {exc}")
 
@@ -160,14 +172,15 @@ def _vif_of(dev: str) -> VifId | None:
     return VifId(int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _gone_steps(host: NetvmHost, wanted: set[str]) -> list[Step]:
-    """Set elements and NAT namespaces of vifs that are not online."""
+def _gone_steps(host: NetvmHost, wanted: set[str], elements: set[SetElement]) -> list[Step]:
+    """Set elements and NAT namespaces of vifs that are not online, and allowed elements no vif wants."""
     facts = host.link_facts("lo")
     steps: list[Step] = []
     allowed_nets: set[tuple[Family, str]] = set()
+    planned = {e.dev for e in elements}  # a vif whose event failed keeps what it has
     for family in families_of(facts.ipv6_in_kernel):
         for e in host.elements(family, "allowed"):
-            if e.dev in wanted:
+            if e.dev in wanted and (e in elements or e.dev not in planned):
                 allowed_nets.add((family, e.network))
                 continue
             steps.append(Step("remove", e))
@@ -196,6 +209,16 @@ def _networks(network: str) -> list[str]:
         return []
 
 
-def _stray_vifs(host: NetvmHost, wanted: set[str]) -> list[str]:
-    """VM interfaces (group 2) that no online vif accounts for."""
-    return [name for name in host.group_members(VIF_GROUP) if name not in wanted]
+def _stray_vifs(host: NetvmHost, wanted: set[str]) -> list[tuple[str, VifId]]:
+    """VM interfaces here that no online vif accounts for, with their vif.
+
+    Netback's names and devices renamed from them (the alias keeps the
+    name): a vif half taken offline has left group 2 already but may still
+    hold settings and addresses.
+    """
+    out = []
+    for name, alias in host.vif_devices():
+        vif = _vif_of(name) or (_vif_of(alias) if alias else None)
+        if vif is not None and name not in wanted:
+            out.append((name, vif))
+    return out

@@ -48,7 +48,8 @@ class Runtime:
             host = self._hosts.get(key)
             if host is None:
                 host = KernelHost(open_backend(name, settings.xtables_lock, settings.nftables_lock,
-                                               settings.lock_timeout))
+                                               settings.lock_timeout, settings.netns_state("verified", name)),
+                                  connected_memo=settings.netns_state("connected", name))
                 self._hosts[key] = host
             return host
 

@@ -72,10 +72,10 @@ class Settings:
     def dns_lock(self) -> str:
         return os.path.join(self.state_dir, "dns.lock")
 
-    @property
-    def backend_marker(self) -> str:
-        """Names the backend that holds this package's firewall state now."""
-        return os.path.join(self.state_dir, "backend")
+    def netns_state(self, what: str, backend: str) -> str:
+        """A state file of this network namespace and firewall ``backend`` (``verified``, ``connected``)."""
+        netns = os.stat("/proc/thread-self/ns/net").st_ino
+        return os.path.join(self.state_dir, f"{what}-{backend}-{netns}.json")
 
     def with_backend(self, choice: str | None) -> Settings:
         """``--backend`` on the command line wins over netvm.conf."""

@@ -124,8 +124,12 @@ def _vif_status(
     exists = host.exists(name)
     state = VifStatus(name, "online" if online else "offline")
     if not online:
-        if exists and name in host.group_members(VIF_GROUP):
-            state.objects.append(ObjectState(f"link {name} group {VIF_GROUP}", False, "offline in XenStore"))
+        if exists:
+            # What offline would still change: a half-done offline shows here.
+            outcome = handle_event(HotplugEvent("offline", vif, vif.name), settings, host, xs, qubesdb, _no_lock,
+                                   dry_run=True)
+            if outcome.plan is not None:
+                state.objects += _states(outcome.plan.steps, host)
         return state
     if not exists:
         state.objects.append(ObjectState(f"link {name}", False, "device missing"))

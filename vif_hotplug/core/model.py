@@ -92,6 +92,7 @@ class NetvmParams:
 #: (``conf/default``); every key a plan may change on a vif is here.
 RESTORED_SYSCTLS: tuple[str, ...] = (
     "ipv4/proxy_arp",
+    "ipv4/drop_gratuitous_arp",
     "ipv6/proxy_ndp",
     "ipv6/drop_unsolicited_na",
     "ipv4/accept_source_route",
@@ -271,12 +272,15 @@ class Veth:
 
 @dataclass(frozen=True, order=True)
 class ConntrackPurge:
-    """Conntrack entries whose original or reply tuple has ``address`` are deleted."""
+    """Conntrack entries whose original or reply tuple has one of ``addresses`` are deleted.
 
-    address: str
+    One step for all of an event's addresses: the kernel walks its whole
+    conntrack table for every listing, so they are found in one pass."""
+
+    addresses: tuple[str, ...]
 
     def __str__(self) -> str:
-        return f"conntrack entries from or to {self.address} purged"
+        return f"conntrack entries from or to {', '.join(self.addresses)} purged"
 
 
 @dataclass(frozen=True, order=True)

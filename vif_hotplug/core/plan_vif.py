@@ -56,6 +56,12 @@ HARDEN6 = (
 )
 #: Current Qubes sets this on every interface: a VM must not claim addresses by unsolicited NA.
 ALWAYS6 = (("ipv6/drop_unsolicited_na", "1"),)
+#: The IPv4 counterpart: with proxy ARP on, the kernel learns the sender of
+#: every request it answers, so a VM's gratuitous ARP naming another VM's
+#: address would put that address, with the VM's MAC, in the netvm's
+#: neighbour table (routing still uses the permanent entry on the right vif,
+#: but nothing a VM claims belongs there).
+ALWAYS4 = (("ipv4/drop_gratuitous_arp", "1"),)
 
 
 @dataclass(frozen=True, order=True)
@@ -188,13 +194,13 @@ def plan_online(i: OnlineInputs) -> Plan:
     if nat is not None:
         steps += plan_nat_online(nat)
     steps.append(Step("set", dev_sysctl("ipv4/proxy_arp", dev, "1")))
-    sysctls = list(HARDEN4) if i.harden else []
+    sysctls = list(ALWAYS4) + (list(HARDEN4) if i.harden else [])
     if link.ipv6_in_kernel:
         sysctls += list(ALWAYS6) + (list(HARDEN6) if i.harden and ipv6_on_link else [])
     steps += [Step("set", dev_sysctl(k, dev, v)) for k, v in sysctls]
-    steps += [
-        Step("run", ConntrackPurge(str(n.network_address))) for n in hosts if str(n) not in i.already_allowed
-    ]
+    fresh = tuple(str(n.network_address) for n in hosts if str(n) not in i.already_allowed)
+    if fresh:
+        steps.append(Step("run", ConntrackPurge(fresh)))
     steps.append(Step("ensure", antispoof_ruleset(families_of(link.ipv6_in_kernel))))
     steps.append(Step("set", LinkGroup(dev, VIF_GROUP)))
     steps += [Step("add", SetElement(_family(n), "allowed", str(n), dev)) for n in nets]
@@ -238,7 +244,7 @@ def plan_offline(i: OfflineInputs) -> Plan:
     steps += [Step("remove", SetElement(_family(n), "allowed", str(n), dev)) for n in networks]
     if link.exists:
         steps.append(Step("set", LinkGroup(dev, DEFAULT_GROUP)))
-        keys = ["ipv4/proxy_arp"] + ([k for k, _ in HARDEN4] if i.harden else [])
+        keys = ["ipv4/proxy_arp"] + [k for k, _ in ALWAYS4] + ([k for k, _ in HARDEN4] if i.harden else [])
         if link.ipv6_in_kernel:
             keys += ["ipv6/proxy_ndp"] + [k for k, _ in ALWAYS6] + ([k for k, _ in HARDEN6] if i.harden else [])
         steps += [Step("set", dev_sysctl(k, dev, link.default(k))) for k in keys]
@@ -248,11 +254,3 @@ def plan_offline(i: OfflineInputs) -> Plan:
         steps += plan_nat_offline(dev)
     hooks = Hooks("offline", dev, i.vif_type, tuple(str(n.network_address) for n in networks), i.hooks_dir)
     return Plan("offline", dev, tuple(steps), hooks=hooks)
-
-
-def merge_networks(*groups: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
-    """Union keeping first-seen order (XenStore's order first)."""
-    out: list[IPNetwork] = []
-    for group in groups:
-        out += [n for n in group if n not in out]
-    return tuple(out)

@@ -1,49 +1,27 @@
-"""Conntrack entries of an address, deleted through netlink (pyroute2), not a tool's output."""
+"""Conntrack entries of addresses, deleted through netfilter netlink (:mod:`.nfnl`), not a tool's output."""
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-from typing import Any
+from collections.abc import Sequence
 
 from ..core.errors import KernelError
+from .nfnl import Nfnl
+from .nlsock import NetlinkError
 
 
-def purge_conntrack(address: str) -> int:
-    """Delete conntrack entries whose original or reply tuple has ``address``.
+def purge_conntrack(addresses: Sequence[str], nfnl: Nfnl | None = None) -> int:
+    """Delete conntrack entries whose original or reply tuple has one of ``addresses``; how many went.
 
-    Returns how many went. Entries that vanish meanwhile are not errors.
+    Entries that vanish meanwhile are not errors. ``nfnl`` is a socket to
+    reuse (a resident agent's); without it one is opened for the call.
     """
-    from pyroute2 import Conntrack
-    from pyroute2.netlink.exceptions import NetlinkError
-    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    removed = 0
+    sock = nfnl or Nfnl()
     try:
-        ct = Conntrack(nfgen_family=family)
-    except Exception as exc:  # NetlinkError, OSError: no conntrack netlink here
-        raise KernelError(f"cannot open conntrack netlink for {address}: {exc}") from exc
-    try:
-        # Collect first: deleting while pyroute2's dump generator is open
-        # closes its event loop under it.
-        found: dict[str, Any] = {}
-        for field in ("saddr", "daddr"):
-            for which in ("tuple_orig", "tuple_reply"):
-                flt = NFCTAttrTuple(family=family, **{field: address})
-                for entry in list(ct.dump_entries(**{which: flt})):
-                    found.setdefault(repr(entry.tuple_orig), entry)
-        for entry in found.values():
-            try:
-                ct.delete(entry)
-                removed += 1
-            except NetlinkError as exc:
-                if exc.code != errno.ENOENT:  # expired meanwhile
-                    msg = f"cannot purge conntrack for {address}: {os.strerror(exc.code)}"
-                    raise KernelError(msg) from exc
+        return sock.conntrack_purge(addresses)
     except NetlinkError as exc:
-        raise KernelError(f"cannot list conntrack for {address}: {os.strerror(exc.code)}") from exc
+        raise KernelError(f"cannot purge conntrack for {', '.join(addresses)}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise KernelError(f"cannot open conntrack netlink for {', '.join(addresses)}: {exc.strerror}") from exc
     finally:
-        ct.close()
-    return removed
+        if nfnl is None:
+            sock.close()

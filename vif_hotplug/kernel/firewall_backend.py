@@ -104,12 +104,18 @@ def choose_backend(choice: str, path_env: str | None = None) -> BackendName:
     return "nftables"
 
 
-def open_backend(name: BackendName, xtables_lock: str, firewall_lock: str, lock_timeout: float) -> FirewallBackend:
-    """A closed backend object; it opens its library and sockets on first use."""
+def open_backend(
+    name: BackendName, xtables_lock: str, firewall_lock: str, lock_timeout: float, verified_path: str | None = None,
+) -> FirewallBackend:
+    """A closed backend object; it opens its library and sockets on first use.
+
+    ``verified_path`` keeps the rulesets found complete across processes
+    (:mod:`vif_hotplug.kernel.verified`).
+    """
     if name == "iptables":
         from .iptables_backend import IptablesBackend
 
-        return IptablesBackend(xtables_lock, lock_timeout)
+        return IptablesBackend(xtables_lock, lock_timeout, verified_path=verified_path)
     from .nftables_backend import NftablesBackend
 
-    return NftablesBackend(firewall_lock, lock_timeout)
+    return NftablesBackend(firewall_lock, lock_timeout, verified_path=verified_path)

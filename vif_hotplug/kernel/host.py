@@ -8,6 +8,8 @@ need.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from dataclasses import replace
 from ipaddress import ip_network
 
@@ -35,6 +37,7 @@ from .conntrack import purge_conntrack
 from .firewall_backend import FirewallBackend
 from .netlink import Links
 from .netns import Namespaces, RtnlFactory, netns_exists
+from .nfnl import Nfnl
 from .rtnl import RTN_LOCAL, Link, Rtnl
 from .sysctl import PROC_SYS, Sysctls, kernel_has_ipv6, read_sysctl
 
@@ -44,10 +47,13 @@ log = logging.getLogger(__name__)
 class KernelHost:
     """Applies plan steps to the kernel of the caller's network namespace (and named ones)."""
 
-    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS) -> None:
+    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS, connected_memo: str | None = None) -> None:
         self.firewall = firewall
+        #: A file holding what the connected sets were last brought up to.
+        self._connected_memo = connected_memo
         self._proc_sys = proc_sys
         self._rtnl = Rtnl()
+        self._nfnl = Nfnl()
         self._rtnl_in = RtnlFactory()
         links = Links(self.rtnl)
         sysctls = Sysctls(proc_sys)
@@ -66,7 +72,7 @@ class KernelHost:
             Veth: ObjectOps(ns.add_veth, ns.remove_veth, ns.veth_present),
             SetElement: ObjectOps(fw.add_element, fw.remove_element, fw.element_present),
             Ruleset: EnsureOps(fw.ensure, fw.drift),
-            ConntrackPurge: ActionOps(lambda p: self._purge(p.address)),
+            ConntrackPurge: ActionOps(lambda p: self._purge(p.addresses)),
             AddressRelease: ActionOps(self._release),
         }
 
@@ -75,6 +81,7 @@ class KernelHost:
 
     def close(self) -> None:
         self._rtnl.close()
+        self._nfnl.close()
         self._rtnl_in.close()
         self.firewall.close()
 
@@ -109,6 +116,9 @@ class KernelHost:
     def group_members(self, group: int) -> list[str]:
         return sorted(link.name for link in self._rtnl.links() if link.group == group)
 
+    def vif_devices(self) -> list[tuple[str, str | None]]:
+        return sorted((link.name, link.alias) for link in self._rtnl.links())
+
     def find_by_alias(self, alias: str) -> str | None:
         """The device whose alias is ``alias`` (a renamed vif). A dump: rare paths only."""
         for link in self._rtnl.links():
@@ -140,12 +150,37 @@ class KernelHost:
     def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
         return self.firewall.elements(family, set_name)
 
+    def connected_synced(self) -> str | None:
+        if self._connected_memo is None:
+            return None
+        try:
+            with open(self._connected_memo, encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def record_connected(self, source: str | None) -> None:
+        path = self._connected_memo
+        if path is None:
+            return
+        try:
+            if source is None:
+                os.unlink(path)
+                return
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(source)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot record the connected addresses in %s: %s", path, exc.strerror)
+
     # --- actions -------------------------------------------------------------------------
 
-    def _purge(self, address: str) -> None:
-        removed = purge_conntrack(address)
+    def _purge(self, addresses: tuple[str, ...]) -> None:
+        removed = purge_conntrack(addresses, self._nfnl)
         if removed:
-            log.debug("%d conntrack entries of %s purged", removed, address)
+            log.debug("%d conntrack entries of %s purged", removed, ", ".join(addresses))
 
     def _release(self, r: AddressRelease) -> None:
         if self.routed_elsewhere(r.network, r.dev):
@@ -155,4 +190,4 @@ class KernelHost:
             log.info("%s: remove %s", r.dev, SetElement(r.family, "downstream", r.network))
         net = ip_network(r.network)
         if net.prefixlen == net.max_prefixlen:
-            self._purge(str(net.network_address))
+            self._purge((str(net.network_address),))

@@ -1,8 +1,11 @@
-"""Kernel ip sets through pyroute2's ipset netlink API (no ``ipset`` binary): the iptables backend's sets.
+"""Kernel ip sets (no ``ipset`` binary): the iptables backend's sets.
 
-pyroute2 reports ipset's own errors as ``pyroute2.ipset._IPSetError`` (an
-internal class, hence the upper version bound on pyroute2 in setup.cfg); its
-``code`` is an errno or one of ipset's codes above 4096.
+A hotplug event's requests (add, delete, test one member; does a set
+exist) go through :mod:`.nfnl`; creating, destroying and listing sets,
+which are rare, through pyroute2's ipset API. pyroute2 reports ipset's own
+errors as ``pyroute2.ipset._IPSetError`` (an internal class, hence the
+upper version bound on pyroute2 in setup.cfg); its ``code`` is an errno or
+one of ipset's codes above 4096.
 """
 
 from __future__ import annotations
@@ -13,10 +16,7 @@ import socket
 from typing import Any
 
 from ..core.errors import KernelError
-
-#: ipset's own error code for "element already added" on add and "element
-#: not added" on delete (IPSET_ERR_EXIST in linux/netfilter/ipset/ip_set.h).
-IPSET_ERR_EXIST = 4103
+from .nfnl import Nfnl
 
 
 def _family(fam: int) -> int:
@@ -36,6 +36,7 @@ class IpSets:
 
     def __init__(self) -> None:
         self._ipset: Any = None
+        self._nfnl = Nfnl()
 
     def _sock(self) -> Any:
         if self._ipset is None:
@@ -48,6 +49,7 @@ class IpSets:
         sock, self._ipset = self._ipset, None
         if sock is not None:
             sock.close()
+        self._nfnl.close()
 
     @staticmethod
     def _error() -> type[Exception]:
@@ -64,12 +66,9 @@ class IpSets:
 
     def exists(self, name: str) -> bool:
         try:
-            list(self._sock().headers(name))  # a generator: the request goes out when consumed
-        except self._error() as exc:
-            if exc.code == errno.ENOENT:  # type: ignore[attr-defined]
-                return False
-            raise KernelError(f"cannot read set {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
-        return True
+            return self._nfnl.ipset_exists(name)
+        except OSError as exc:
+            raise KernelError(f"cannot read set {name}: {_describe(exc.errno or 0)}") from exc
 
     def destroy(self, name: str) -> bool:
         try:
@@ -80,39 +79,24 @@ class IpSets:
             raise KernelError(f"cannot destroy set {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
         return True
 
-    @staticmethod
-    def _entry(e: Entry) -> tuple[Any, str]:
+    def _member(self, op: str, name: str, fam: int, e: Entry) -> bool:
         network, dev = e
-        return (network, "net") if dev is None else ((network, dev), "net,iface")
+        try:
+            return self._nfnl.ipset_element(op, name, fam, network, dev)
+        except OSError as exc:
+            if op != "add" and exc.errno == errno.ENOENT:  # no such set: no such member
+                return False
+            what = {"add": "add", "del": "remove", "test": "test"}[op]
+            raise KernelError(f"cannot {what} {e} in {name}: {_describe(exc.errno or 0)}") from exc
 
     def add(self, name: str, fam: int, e: Entry) -> bool:
-        entry, etype = self._entry(e)
-        try:
-            self._sock().add(name, entry, family=_family(fam), etype=etype, exclusive=True)
-            return True
-        except self._error() as exc:
-            if exc.code == IPSET_ERR_EXIST:  # type: ignore[attr-defined]
-                return False
-            raise KernelError(f"cannot add {e} to {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+        return self._member("add", name, fam, e)
 
     def remove(self, name: str, fam: int, e: Entry) -> bool:
-        entry, etype = self._entry(e)
-        try:
-            self._sock().delete(name, entry, family=_family(fam), etype=etype)
-            return True
-        except self._error() as exc:
-            if exc.code in (IPSET_ERR_EXIST, errno.ENOENT):  # type: ignore[attr-defined]
-                return False
-            raise KernelError(f"cannot remove {e} from {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+        return self._member("del", name, fam, e)
 
     def test(self, name: str, fam: int, e: Entry) -> bool:
-        entry, etype = self._entry(e)
-        try:
-            return bool(self._sock().test(name, entry, family=_family(fam), etype=etype))
-        except self._error() as exc:
-            if exc.code in (IPSET_ERR_EXIST, errno.ENOENT):  # type: ignore[attr-defined]
-                return False
-            raise KernelError(f"cannot test {e} in {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+        return self._member("test", name, fam, e)
 
     def members(self, name: str) -> list[Entry]:
         """Every member of set ``name`` (empty if the set does not exist)."""

@@ -90,6 +90,8 @@ from ..core.firewall import (
 )
 from .ipset import IpSets
 from .locks import file_lock
+from .verified import VerifiedRulesets
+from .xtables_state import tables_digest
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,8 @@ NAMES: dict[tuple[str, str], XtChain] = {
     ("qubes-nat", "dnat"): XtChain("nat", "QBS-NAT-PRE", "PREROUTING", -100),
     ("qubes-nat", "snat"): XtChain("nat", "QBS-NAT-POST", "POSTROUTING", 100),
 }
+#: ``struct ip6t_ip6`` flag: the protocol field is to be tested (linux/netfilter_ipv6/ip6_tables.h).
+IP6T_F_PROTO = 0x01
 #: Tables whose builtin chains' policy is ours to set; elsewhere an accept is a RETURN.
 POLICY_TABLES = frozenset({"filter"})
 _REJECT = {"icmp-host-prohibited": "icmp-host-prohibited", "icmp-port-unreachable": "icmp-port-unreachable",
@@ -226,6 +230,11 @@ class _Encoder:
                     rule.dst = value
             elif isinstance(p, Proto):
                 rule.protocol = ("!" if p.negate else "") + p.proto
+                if self.family == 6 and p.negate:
+                    # python-iptables clears IP6T_F_PROTO for "!proto", and
+                    # the kernel then skips the test: the rule would match
+                    # every protocol. The flag says "test the protocol".
+                    rule.entry.ipv6.flags |= IP6T_F_PROTO
             elif isinstance(p, DPort):
                 rule.protocol = p.proto
                 rule.create_match(p.proto).set_parameter("dport", str(p.port))
@@ -282,11 +291,15 @@ class IptablesBackend:
 
     name: Literal["iptables"] = "iptables"
 
-    def __init__(self, lock_path: str, lock_timeout: float, libdir: str | None = None) -> None:
+    def __init__(self, lock_path: str, lock_timeout: float, libdir: str | None = None,
+                 verified_path: str | None = None) -> None:
         self._lock_path = lock_path
         self._lock_timeout = lock_timeout
         self._libdir = libdir
         self._sets = IpSets()
+        #: Rulesets found complete, with the digest of the tables (and which
+        #: of their ipsets existed) they were found in.
+        self._verified = VerifiedRulesets(verified_path)
 
     def close(self) -> None:
         self._sets.close()
@@ -297,7 +310,28 @@ class IptablesBackend:
     # --- rulesets ---------------------------------------------------------------------
 
     def ensure(self, ruleset: Ruleset) -> bool:
-        return "changed" in self._isolated(ruleset, lambda b, part: ["changed"] if b._ensure_here(part) else [])
+        if ruleset.netns is not None:
+            return "changed" in self._isolated(ruleset, lambda b, part: ["changed"] if b._ensure_here(part) else [])
+        # The digest costs microseconds; loading python-iptables and decoding
+        # the tables costs tens of milliseconds: an unchanged ruleset is not
+        # read again.
+        before = self._state(ruleset)
+        if self._verified.get(ruleset) == before:
+            return False
+        changed = "changed" in self._isolated(ruleset, lambda b, part: ["changed"] if b._ensure_here(part) else [])
+        # Trusted only when found complete and nothing moved while it was read.
+        if not changed and self._state(ruleset) == before:
+            self._verified.put(ruleset, before)
+        return changed
+
+    def _state(self, ruleset: Ruleset) -> str:
+        """A digest of the xtables tables ``ruleset`` lives in, and which of its ipsets exist."""
+        try:
+            digest = tables_digest((t.family, xt_table) for t in ruleset.tables for xt_table, _ in _xt_table(t))
+            sets = [self._sets.exists(ipset_name(s, t.family)) for t in ruleset.tables for s in t.sets]
+        except OSError as exc:
+            raise KernelError(f"cannot read the xtables tables of {ruleset.what}: {exc.strerror}") from exc
+        return f"xtables {digest} sets {''.join('1' if x else '0' for x in sets)}"
 
     def drift(self, ruleset: Ruleset) -> list[str]:
         return self._isolated(ruleset, lambda b, part: b._drift_here(part))
@@ -344,6 +378,9 @@ class IptablesBackend:
     def _drift_here(self, ruleset: Ruleset) -> list[str]:
         out = [f"set {ipset_name(s, t.family)} missing" for t in ruleset.tables for s in t.sets
                if not self._sets.exists(ipset_name(s, t.family))]
+        if out:
+            # python-iptables cannot even build a rule naming a missing set.
+            return [*out, f"{ruleset.what} rules not compared while its sets are missing"]
         for t in ruleset.tables:
             for xt_table, chains in _xt_table(t):
                 out += self._sync_table(t, xt_table, chains, commit=False)
@@ -402,7 +439,8 @@ class IptablesBackend:
             else:
                 table.refresh()  # drop the handle's pending state
             return why
-        except (iptc.IPTCError, iptc.XTablesError) as exc:
+        except (iptc.IPTCError, iptc.XTablesError, ValueError) as exc:
+            # ValueError: an extension refused a parameter (a set match naming a missing ipset).
             raise KernelError(f"{fam} -t {xt_table}: {exc}") from exc
 
     @staticmethod
@@ -501,6 +539,7 @@ class IptablesBackend:
         """Our jumps, chains and ipsets go; reserved chains stay; INPUT/FORWARD policies back to ACCEPT."""
         iptc = load_iptc(self._libdir)
         changed = False
+        self._verified.clear()
         with self._lock():
             for family in (4, 6):
                 fam: Family = 4 if family == 4 else 6

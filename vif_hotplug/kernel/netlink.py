@@ -17,7 +17,8 @@ from ipaddress import ip_network
 
 from ..core.errors import DeviceGone, KernelError
 from ..core.model import DeviceAddress, LinkGroup, LinkRename, LinkState, Neighbour, Route
-from .rtnl import NUD_PERMANENT, RT_SCOPE_HOST, RT_SCOPE_LINK, Link, NetlinkError, Rtnl
+from .nlsock import NetlinkError
+from .rtnl import NUD_PERMANENT, RT_SCOPE_HOST, RT_SCOPE_LINK, Link, Rtnl
 
 #: "Not there" answers to a delete (ESRCH: routes, EADDRNOTAVAIL: addresses, ENOENT: neighbours).
 _GONE = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL}
@@ -109,17 +110,17 @@ class Links:
             raise _fail(what, op, exc) from exc
 
     def route_present(self, r: Route) -> bool:
-        rtnl = self._rtnl(r.netns)
-        link = rtnl.link(r.dev)
-        if link is None:
-            return False
+        link = self._rtnl(r.netns).link(r.dev)
+        return link is not None and self._routed(r, link)
+
+    def _routed(self, r: Route, link: Link) -> bool:
         net = ip_network(r.destination)
         family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
-        return (str(net), r.metric) in rtnl.routes(link.index, family)
+        return (str(net), r.metric) in self._rtnl(r.netns).routes(link.index, family)
 
     def add_route(self, r: Route) -> bool:
         link = self._link(r.dev, r.netns, r)
-        if self.route_present(r):
+        if self._routed(r, link):
             return False
         scope = RT_SCOPE_LINK if r.scope == "link" else None
         rtnl = self._rtnl(r.netns)

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 from ..core.errors import DeviceGone, KernelError
 from ..core.model import LinkNetns, Netns, Veth
-from .rtnl import NetlinkError, Rtnl
+from .nlsock import NetlinkError
+from .rtnl import Rtnl
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000

@@ -7,32 +7,23 @@ request on a plain netlink socket takes 0.02-0.04 ms (README, Performance).
 pyroute2 stays for what is rare or richer (conntrack, ipset, namespaces,
 veth pairs).
 
-Messages follow ``linux/netlink.h`` and ``linux/rtnetlink.h``; only the
-attributes this package reads are parsed. Every request asks for an ACK and
-waits for the reply with its own sequence number. Errors come back as
-:class:`NetlinkError` with the kernel's errno.
+Messages follow ``linux/rtnetlink.h``; only the attributes this package
+reads are parsed. The transport is :mod:`.nlsock`'s.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
 
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_REPLACE = 0x100
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLM_F_DUMP = 0x300
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
+from .nlsock import NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, NetlinkSocket
+from .nlsock import attr as _attr
+from .nlsock import attrs as _attrs
+from .nlsock import cstr as _str
+from .nlsock import u32 as _u32
 
 RTM_NEWLINK, RTM_GETLINK, RTM_SETLINK = 16, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -46,6 +37,7 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFF_UP = 0x1
 
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY = 1, 4, 5, 6
 RT_TABLE_MAIN = 254
 RTPROT_BOOT, RTPROT_STATIC = 3, 4
@@ -55,43 +47,10 @@ RTM_F_FIB_MATCH = 0x2000
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT = 0x80
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
-_RTA = struct.Struct("=HH")
-_RECV = 65536
-SOL_NETLINK = 270
-#: The kernel filters dumps by the request's header fields (interface index):
-#: an address listing of one vif stays one vif's worth of messages.
-NETLINK_GET_STRICT_CHK = 12
-
-
-class NetlinkError(OSError):
-    """The kernel refused a request; ``errno`` is its error."""
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    length = _RTA.size + len(value)
-    return _RTA.pack(length, kind) + value + b"\0" * (-length % 4)
-
-
-def _str(value: str) -> bytes:
-    return value.encode() + b"\0"
-
-
-def _u32(value: int) -> bytes:
-    return struct.pack("=I", value)
-
-
-def _attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
-    while offset + _RTA.size <= len(data):
-        length, kind = _RTA.unpack_from(data, offset)
-        if length < _RTA.size:
-            return
-        yield kind & 0x3FFF, data[offset + _RTA.size : offset + length]
-        offset += (length + 3) & ~3
 
 
 def _family(addr: str) -> int:
@@ -122,59 +81,14 @@ class RouteInfo:
     type: int
 
 
-class Rtnl:
-    """One rtnetlink socket, opened on first use in the namespace current then.
-
-    Thread-safe: requests are serialised. ``close`` releases the socket.
-    """
+class Rtnl(NetlinkSocket):
+    """One rtnetlink socket (strict dump checking), opened on first use in the namespace current then."""
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def open(self) -> None:
-        if self._sock is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-            sock.bind((0, 0))
-            self._sock = sock
-
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    # --- transport -----------------------------------------------------------------
+        super().__init__(socket.NETLINK_ROUTE, strict=True)
 
     def _request(self, kind: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
-        """Send one request; return its reply messages as (type, payload). Raises NetlinkError."""
-        self.open()
-        assert self._sock is not None
-        with self._lock:
-            self._seq = (self._seq + 1) & 0xFFFFFFFF
-            seq = self._seq
-            self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST | NLM_F_ACK, seq, 0)
-                            + body)
-            out: list[tuple[int, bytes]] = []
-            while True:
-                data = self._sock.recv(_RECV)
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    length, mtype, _, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
-                    payload = data[offset + _NLMSGHDR.size : offset + length]
-                    offset += (length + 3) & ~3
-                    if mseq != seq:
-                        continue  # a late answer to an earlier, abandoned request
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", payload)[0]
-                        if code:
-                            raise NetlinkError(code, os.strerror(code))
-                        return out
-                    if mtype == NLMSG_DONE:
-                        return out
-                    # A single answer is followed by the ACK we asked for, a dump by DONE.
-                    out.append((mtype, payload))
+        return self.request(kind, flags, body)
 
     # --- links -----------------------------------------------------------------------
 
@@ -241,7 +155,12 @@ class Rtnl:
         """``op`` ``add`` (exclusive: EEXIST when present) or ``del`` ``address`` (``a.b.c.d/len``)."""
         iface = ip_interface(address)
         raw = iface.ip.packed
-        body = _IFADDRMSG.pack(_family(str(iface.ip)), iface.network.prefixlen, 0, scope, index)
+        # No duplicate address detection: the address is the netvm's own on
+        # a point-to-point link, usable the moment the event reports
+        # "connected" (DAD would hold it back a second or two, and a VM
+        # answering the probe could disable its own gateway).
+        flags = IFA_F_NODAD if iface.version == 6 else 0
+        body = _IFADDRMSG.pack(_family(str(iface.ip)), iface.network.prefixlen, flags, scope, index)
         body += _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
         if op == "add":
             self._request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)

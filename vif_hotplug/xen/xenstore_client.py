@@ -106,13 +106,28 @@ class XenStore:
         ``raw_tail`` follows the NUL-terminated ``args`` as is (a written value
         carries no terminator).
         """
+        reply = self._exchange([(op, join_args(*args) + (raw_tail or b""))])[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _exchange(self, requests: list[tuple[Op, bytes]]) -> list[bytes | BaseException]:
+        """Send every request at once, then take their replies, which come in order.
+
+        One round trip for all of them; a reply is its payload, or the
+        ``KeyError`` (ENOENT) / ``XenStoreUnavailable`` it stands for.
+        """
         if self._fd is None:
             self.connect()
         assert self._fd is not None
-        self._req_id = (self._req_id + 1) & 0xFFFFFFFF
-        req_id = self._req_id
-        data = encode(Message(op, req_id, 0, join_args(*args) + (raw_tail or b"")))
+        ids: list[int] = []
+        data = b""
+        for op, payload in requests:
+            self._req_id = (self._req_id + 1) & 0xFFFFFFFF
+            ids.append(self._req_id)
+            data += encode(Message(op, self._req_id, 0, payload))
         deadline = time.monotonic() + self._timeout
+        out: list[bytes | BaseException] = []
         try:
             while data:
                 self._wait(select.POLLOUT, deadline)
@@ -120,7 +135,7 @@ class XenStore:
                     data = data[os.write(self._fd, data):]
                 except (BlockingIOError, InterruptedError):
                     continue  # poll's readiness was spurious: wait again, within the deadline
-            while True:
+            while len(out) < len(requests):
                 message = self._decoder.next_message()
                 if message is None:
                     self._wait(select.POLLIN, deadline)
@@ -134,16 +149,18 @@ class XenStore:
                     continue
                 if message.type == Op.WATCH_EVENT:
                     continue  # not ours to handle here
+                op, req_id = requests[len(out)][0], ids[len(out)]
                 if message.req_id != req_id:
                     raise self._fail(f"reply to request {message.req_id} while waiting for {req_id}")
                 if message.type == Op.ERROR:
                     name = parse_error_payload(message.payload)
-                    if name == "ENOENT":
-                        raise KeyError(name)
-                    raise XenStoreUnavailable(f"XenStore {op.name.lower()} failed: {name}")
-                if message.type != op:
+                    out.append(KeyError(name) if name == "ENOENT"
+                               else XenStoreUnavailable(f"XenStore {op.name.lower()} failed: {name}"))
+                elif message.type != op:
                     raise self._fail(f"answered {op.name} with message type {message.type}")
-                return message.payload
+                else:
+                    out.append(message.payload)
+            return out
         except WireError as exc:
             raise self._fail(f"malformed reply: {exc}") from None
         except OSError as exc:
@@ -167,6 +184,18 @@ class XenStore:
             return None
         # Keep going with a value validation will reject and name.
         return raw.decode("utf-8", "backslashreplace")
+
+    def read_many(self, paths: list[str]) -> list[str | None]:
+        """:meth:`read` of every path in one round trip (requests pipelined)."""
+        out: list[str | None] = []
+        for reply in self._exchange([(Op.READ, join_args(p.encode())) for p in paths]):
+            if isinstance(reply, KeyError):
+                out.append(None)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                out.append(reply.decode("utf-8", "backslashreplace"))
+        return out
 
     def write(self, path: str, value: str) -> None:
         self.request(Op.WRITE, path.encode(), raw_tail=value.encode())

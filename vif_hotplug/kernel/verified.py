@@ -1,0 +1,99 @@
+"""Rulesets a backend found complete, and the kernel state they were found in.
+
+Checking a whole ruleset is the costly part of an event that changes only
+set elements: libnftables lists every set element to list a chain, and
+python-iptables decodes whole tables. A backend records here, per ruleset,
+a token of the kernel state it verified (the nftables generation, a digest
+of the xtables tables); while the kernel still shows that token, the
+ruleset is still complete and is not read again. Anything else changing
+the firewall changes the token, and the next event checks in full.
+
+Kept in memory, and in a file of the state directory when given, so that
+a one-shot process (the agent's fallback) starts from what the last one
+verified: written when a ruleset is found complete, and when the backend
+closes (the moves of an event's own element commits). A lost, stale or
+unreadable file only costs one full check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+
+from ..core.firewall import Ruleset
+
+
+def ruleset_key(ruleset: Ruleset) -> str:
+    """A name for ``ruleset`` that is the same in every process (``hash`` is salted per process)."""
+    return hashlib.sha256(repr(ruleset).encode()).hexdigest()[:24]
+
+
+class VerifiedRulesets:
+    def __init__(self, path: str | None = None) -> None:
+        self._path = path
+        self._tokens: dict[str, str] | None = None
+        self._keys: dict[Ruleset, str] = {}
+        self._dirty = False
+
+    def _key(self, ruleset: Ruleset) -> str:
+        key = self._keys.get(ruleset)
+        if key is None:
+            key = self._keys[ruleset] = ruleset_key(ruleset)
+        return key
+
+    def _load(self) -> dict[str, str]:
+        if self._tokens is None:
+            self._tokens = {}
+            if self._path is not None:
+                try:
+                    with open(self._path, encoding="utf-8") as f:
+                        data = json.load(f)
+                    if isinstance(data, dict):
+                        self._tokens = {str(k): str(v) for k, v in data.items()}
+                except (OSError, ValueError):
+                    pass
+        return self._tokens
+
+    def _save(self) -> None:
+        self._dirty = False
+        if self._path is None or self._tokens is None:
+            return
+        tmp = f"{self._path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self._tokens, f)
+            os.replace(tmp, self._path)
+        except OSError:
+            pass  # only the next process's speed depends on it
+
+    def get(self, ruleset: Ruleset) -> str | None:
+        return self._load().get(self._key(ruleset))
+
+    def put(self, ruleset: Ruleset, token: str) -> None:
+        tokens = self._load()
+        key = self._key(ruleset)
+        if tokens.get(key) != token:
+            tokens[key] = token
+            self._save()
+
+    def advance(self, old: str, new: str) -> None:
+        """The kernel moved from ``old`` to ``new`` by a change that leaves rulesets as they were.
+
+        Kept in memory until :meth:`flush`: an event's element commits must
+        not each cost a file write.
+        """
+        tokens = self._load()
+        for k, v in tokens.items():
+            if v == old:
+                tokens[k] = new
+                self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._save()
+
+    def clear(self) -> None:
+        self._tokens = {}
+        self._save()
