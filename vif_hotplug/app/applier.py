@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..core.errors import DeviceGone, HotplugError, KernelError
 from ..core.model import Step
+from ..core.record import Record
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class ObjectOps(Generic[T]):
+class ObjectOps(Record, Generic[T]):
     """An object kind: ``add``/``remove`` say whether they changed anything."""
 
     add: Callable[[T], bool]
@@ -42,8 +41,7 @@ class ObjectOps(Generic[T]):
     present: Callable[[T], bool]
 
 
-@dataclass(frozen=True)
-class SettingOps(Generic[T]):
+class SettingOps(Record, Generic[T]):
     """A setting kind: ``set`` returns the previous value when it changed, else ``None``;
     ``current`` the value the kernel has now (``None`` when the object is gone)."""
 
@@ -51,8 +49,7 @@ class SettingOps(Generic[T]):
     current: Callable[[T], T | None]
 
 
-@dataclass(frozen=True)
-class EnsureOps(Generic[T]):
+class EnsureOps(Record, Generic[T]):
     """A ruleset kind: ``ensure`` says whether it changed anything; ``drift``
     lists what differs from the kernel (empty when in place)."""
 
@@ -60,8 +57,7 @@ class EnsureOps(Generic[T]):
     drift: Callable[[T], list[str]]
 
 
-@dataclass(frozen=True)
-class ActionOps(Generic[T]):
+class ActionOps(Record, Generic[T]):
     run: Callable[[T], None]
 
 
@@ -119,8 +115,7 @@ def _dispatch(step: Step, ops: Ops) -> tuple[bool, Step | None]:
     raise KernelError(f"cannot {step.op} {type(t).__name__}")
 
 
-@dataclass(frozen=True)
-class Applied:
+class Applied(Record):
     """What one all-or-nothing run changed, and the steps that would undo it."""
 
     changed: tuple[Step, ...]
@@ -188,8 +183,7 @@ def apply_best_effort(steps: Sequence[Step], host: Host, tag: str, on_step: Step
     return changed
 
 
-@dataclass(frozen=True)
-class Drift:
+class Drift(Record):
     """One step whose object is not as the step wants it."""
 
     step: Step

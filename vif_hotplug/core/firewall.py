@@ -14,9 +14,10 @@ what ``--dry-run`` shows and the backend-independent form tests compare.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Literal
+
+from .record import Record
 
 Family = Literal[4, 6]
 Direction = Literal["in", "out"]
@@ -55,8 +56,7 @@ def _not(negate: bool) -> str:
 # --- predicates ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
-class IfName:
+class IfName(Record):
     """The in- or out-interface by name; ``by_index`` compares the index instead (``iif lo``)."""
 
     direction: Direction
@@ -69,8 +69,7 @@ class IfName:
         return f"{key} {_not(self.negate)}{self.name}"
 
 
-@dataclass(frozen=True, order=True)
-class IfGroup:
+class IfGroup(Record):
     direction: Direction
     group: int
     negate: bool = False
@@ -79,8 +78,7 @@ class IfGroup:
         return f"{'iif' if self.direction == 'in' else 'oif'}group {_not(self.negate)}{self.group}"
 
 
-@dataclass(frozen=True, order=True)
-class Addr:
+class Addr(Record):
     """Source or destination address in ``network`` (``10.0.0.1/32`` or wider)."""
 
     direction: AddrDirection
@@ -93,8 +91,7 @@ class Addr:
         return f"{_ip(family)} {'s' if self.direction == 'src' else 'd'}addr {_not(self.negate)}{shown}"
 
 
-@dataclass(frozen=True, order=True)
-class InSet:
+class InSet(Record):
     """Membership of the source (or destination) address in a logical set.
 
     For ``allowed`` the key is the pair (in-interface name, source address).
@@ -112,8 +109,7 @@ class InSet:
         return f"{'iifname . ' if self.with_interface else ''}{addr} @{self.set}"
 
 
-@dataclass(frozen=True, order=True)
-class Proto:
+class Proto(Record):
     """The layer-4 protocol (``meta l4proto``)."""
 
     proto: L4
@@ -124,8 +120,7 @@ class Proto:
         return f"meta l4proto {_not(self.negate)}{shown}"
 
 
-@dataclass(frozen=True, order=True)
-class DPort:
+class DPort(Record):
     """Destination port of ``proto`` (implies the protocol)."""
 
     proto: Literal["tcp", "udp"]
@@ -135,8 +130,7 @@ class DPort:
         return f"{self.proto} dport {self.port}"
 
 
-@dataclass(frozen=True, order=True)
-class IcmpType:
+class IcmpType(Record):
     """ICMP (family 4) or ICMPv6 (family 6) message types, by number (implies the protocol)."""
 
     types: tuple[int, ...]
@@ -151,8 +145,7 @@ class IcmpType:
         return f"{'icmpv6' if family == 6 else 'icmp'} type {shown}"
 
 
-@dataclass(frozen=True, order=True)
-class CtState:
+class CtState(Record):
     states: tuple[CtStateName, ...]
 
     def text(self, family: Family) -> str:
@@ -165,20 +158,17 @@ Predicate = IfName | IfGroup | Addr | InSet | Proto | DPort | IcmpType | CtState
 # --- verdicts and actions -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
-class Accept:
+class Accept(Record):
     def text(self) -> str:
         return "accept"
 
 
-@dataclass(frozen=True, order=True)
-class Drop:
+class Drop(Record):
     def text(self) -> str:
         return "drop"
 
 
-@dataclass(frozen=True, order=True)
-class Reject:
+class Reject(Record):
     kind: RejectKind
 
     def text(self) -> str:
@@ -191,40 +181,35 @@ class Reject:
         }[self.kind]
 
 
-@dataclass(frozen=True, order=True)
-class Jump:
+class Jump(Record):
     chain: str
 
     def text(self) -> str:
         return f"jump {self.chain}"
 
 
-@dataclass(frozen=True, order=True)
-class Goto:
+class Goto(Record):
     chain: str
 
     def text(self) -> str:
         return f"goto {self.chain}"
 
 
-@dataclass(frozen=True, order=True)
-class Dnat:
+class Dnat(Record):
     to: str
 
     def text(self) -> str:
         return f"dnat to {self.to}"
 
 
-@dataclass(frozen=True, order=True)
-class Snat:
+class Snat(Record):
     to: str
 
     def text(self) -> str:
         return f"snat to {self.to}"
 
 
-@dataclass(frozen=True, order=True)
-class Masquerade:
+class Masquerade(Record):
     def text(self) -> str:
         return "masquerade"
 
@@ -232,8 +217,7 @@ class Masquerade:
 Verdict = Accept | Drop | Reject | Jump | Goto | Dnat | Snat | Masquerade
 
 
-@dataclass(frozen=True, order=True)
-class Rule:
+class Rule(Record):
     """Packets matching every predicate get ``verdict`` (``None``: only counted)."""
 
     match: tuple[Predicate, ...] = ()
@@ -261,8 +245,7 @@ def rule(*match: Predicate, verdict: Verdict | None = None, counter: bool = Fals
 # --- chains, sets, tables --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, order=True)
-class Hook:
+class Hook(Record):
     """What makes a chain a base chain: where packets enter it, and its policy."""
 
     hook: Literal["prerouting", "input", "forward", "output", "postrouting"]
@@ -279,8 +262,7 @@ class Hook:
 ChainKind = Literal["owned", "reserved", "replaced", "absent"]
 
 
-@dataclass(frozen=True, order=True)
-class Chain:
+class Chain(Record):
     """A chain and what we hold of it.
 
     ``owned``: made to hold exactly ``rules``; ``replaced``: the same, but
@@ -306,8 +288,7 @@ class Chain:
         return [head] + [f"  {r.text(family)}" for r in self.rules]
 
 
-@dataclass(frozen=True, order=True)
-class SetElement:
+class SetElement(Record, order=True):
     """A member of a logical set: ``network`` and, for ``allowed``, the interface."""
 
     family: Family
@@ -322,8 +303,7 @@ class SetElement:
         return f"element {_ip(self.family)} qubes {self.set} {{ {member} }}"
 
 
-@dataclass(frozen=True, order=True)
-class Table:
+class Table(Record):
     """One family's part of a ruleset: the sets and chains we hold there."""
 
     family: Family
@@ -344,8 +324,7 @@ class Table:
         raise KeyError(name)
 
 
-@dataclass(frozen=True)
-class Ruleset:
+class Ruleset(Record):
     """Everything one tool wants in the firewall, applied as one transaction.
 
     ``what`` names it in logs (``antispoof``, ``base``, ``dns``, ``nat``);

@@ -11,9 +11,10 @@ same objects as the netvm itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Literal
+
+from .record import Record
 
 if TYPE_CHECKING:
     from .firewall import Ruleset, SetElement
@@ -40,8 +41,7 @@ def route_metric(domid: int) -> int:
     return MAX_DOMID - domid
 
 
-@dataclass(frozen=True, order=True)
-class VmNetwork:
+class VmNetwork(Record):
     """What XenStore says about the VM behind one vif (already validated).
 
     ``networks`` is empty for a VM without addresses (``ip`` key empty):
@@ -61,8 +61,7 @@ class VmNetwork:
         return tuple(n for n in self.networks if isinstance(n, IPv6Network))
 
 
-@dataclass(frozen=True)
-class NetvmParams:
+class NetvmParams(Record):
     """Addresses this driver domain presents to its VMs."""
 
     gateway: IPv4Address | None = None
@@ -109,8 +108,7 @@ RESTORED_SYSCTLS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class LinkFacts:
+class LinkFacts(Record):
     """What the kernel says about the vif right now; gathered before planning."""
 
     exists: bool
@@ -134,8 +132,7 @@ def _in(netns: str | None) -> str:
     return f" (netns {netns})" if netns else ""
 
 
-@dataclass(frozen=True, order=True)
-class Sysctl:
+class Sysctl(Record):
     """``/proc/sys/<key>``, e.g. ``net/ipv4/conf/vif4.0/proxy_arp``."""
 
     key: str
@@ -163,8 +160,7 @@ def dev_sysctl(key: str, dev: str, value: str, netns: str | None = None) -> Sysc
     return Sysctl(f"net/{family}/conf/{dev}/{name}", value, netns)
 
 
-@dataclass(frozen=True, order=True)
-class LinkRename:
+class LinkRename(Record):
     dev: str
     new_name: str
 
@@ -172,8 +168,7 @@ class LinkRename:
         return f"link {self.dev} rename to {self.new_name}"
 
 
-@dataclass(frozen=True, order=True)
-class LinkGroup:
+class LinkGroup(Record):
     dev: str
     group: int
     netns: str | None = None
@@ -182,8 +177,7 @@ class LinkGroup:
         return f"link {self.dev} group {self.group}{_in(self.netns)}"
 
 
-@dataclass(frozen=True, order=True)
-class LinkState:
+class LinkState(Record):
     dev: str
     up: bool
     netns: str | None = None
@@ -192,8 +186,7 @@ class LinkState:
         return f"link {self.dev} {'up' if self.up else 'down'}{_in(self.netns)}"
 
 
-@dataclass(frozen=True, order=True)
-class Neighbour:
+class Neighbour(Record):
     """Permanent neighbour entry: pins the VM's MAC (no ARP/NDP poisoning)."""
 
     dev: str
@@ -205,8 +198,7 @@ class Neighbour:
         return f"neighbour {self.address} lladdr {self.mac} dev {self.dev} permanent{_in(self.netns)}"
 
 
-@dataclass(frozen=True, order=True)
-class Route:
+class Route(Record):
     dev: str
     destination: str
     metric: int = 0
@@ -222,8 +214,7 @@ class Route:
         return f"route {self.destination}{via} dev {self.dev}{metric}{scope}{_in(self.netns)}"
 
 
-@dataclass(frozen=True, order=True)
-class DeviceAddress:
+class DeviceAddress(Record):
     dev: str
     address: str  # "10.137.0.1/32"
     netns: str | None = None
@@ -235,8 +226,7 @@ class DeviceAddress:
         return f"address {self.address} dev {self.dev}{scope}{_in(self.netns)}"
 
 
-@dataclass(frozen=True, order=True)
-class Netns:
+class Netns(Record):
     """A named network namespace (``/run/netns/<name>``)."""
 
     name: str
@@ -245,8 +235,7 @@ class Netns:
         return f"netns {self.name}"
 
 
-@dataclass(frozen=True, order=True)
-class LinkNetns:
+class LinkNetns(Record):
     """Device ``dev`` of the caller's namespace lives in namespace ``target`` (same name)."""
 
     dev: str
@@ -256,8 +245,7 @@ class LinkNetns:
         return f"link {self.dev} moved into netns {self.target}"
 
 
-@dataclass(frozen=True, order=True)
-class Veth:
+class Veth(Record):
     """A veth pair: ``dev`` here, ``peer`` in namespace ``peer_netns``."""
 
     dev: str
@@ -270,8 +258,7 @@ class Veth:
         return f"veth {self.dev} ({self.mac}) peer {self.peer} ({self.peer_mac}) in netns {self.peer_netns}"
 
 
-@dataclass(frozen=True, order=True)
-class ConntrackPurge:
+class ConntrackPurge(Record):
     """Conntrack entries whose original or reply tuple has one of ``addresses`` are deleted.
 
     One step for all of an event's addresses: the kernel walks its whole
@@ -283,8 +270,7 @@ class ConntrackPurge:
         return f"conntrack entries from or to {', '.join(self.addresses)} purged"
 
 
-@dataclass(frozen=True, order=True)
-class AddressRelease:
+class AddressRelease(Record):
     """``network`` left ``dev``: its ``downstream`` element and conntrack entries go,
     unless another VM interface still routes it (a restarted VM already on its
     new vif keeps both). Decided when applied, after this vif's routes are gone:
@@ -298,8 +284,7 @@ class AddressRelease:
         return f"release {self.network} of {self.dev} (downstream element, conntrack) unless another vif routes it"
 
 
-@dataclass(frozen=True, order=True)
-class Hooks:
+class Hooks(Record):
     """The administrator's hook scripts for one event (run after the status is reported)."""
 
     command: str
@@ -317,8 +302,7 @@ class Hooks:
 Op = Literal["add", "remove", "set", "ensure", "run"]
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(Record):
     """One change: ``add``/``remove`` an object, ``set`` a setting, ``ensure`` a
     firewall ruleset (idempotent, shared, never undone) or ``run`` an action."""
 
@@ -342,13 +326,12 @@ class Step:
         return [f"{self.op} {self.target}"]
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Record):
     command: str
     dev: str
     steps: tuple[Step, ...]
     #: Things deliberately left out (e.g. IPv6 disabled), logged once.
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
     #: What runs after the status is reported, when the event changed something.
     hooks: Hooks | None = None
 

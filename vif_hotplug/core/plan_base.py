@@ -25,8 +25,6 @@ the anti-spoofing chains are a set lookup each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .firewall import (
     PRIORITY,
     SET_NAMES,
@@ -53,6 +51,7 @@ from .firewall import (
     rule,
 )
 from .model import VIF_GROUP, Step, Sysctl
+from .record import Record
 
 TABLE = "qubes"
 CUSTOM_INPUT = "custom-input"
@@ -224,8 +223,7 @@ def base_ruleset(ipv6: bool, ipv6_in_kernel: bool = True) -> Ruleset:
     return merge("base", *parts)
 
 
-@dataclass(frozen=True)
-class BasePlan:
+class BasePlan(Record):
     steps: tuple[Step, ...]
     notes: tuple[str, ...] = ()
 

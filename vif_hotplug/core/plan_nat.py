@@ -18,8 +18,6 @@ IPv6 is off in the namespace, so such a VM gets none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .firewall import (
     PRIORITY,
     Addr,
@@ -45,12 +43,12 @@ from .model import (
     Sysctl,
     Veth,
 )
+from .record import Record
 
 NAT_TABLE = "qubes-nat"
 
 
-@dataclass(frozen=True, order=True)
-class NatNamespace:
+class NatNamespace(Record):
     """What the namespace of one mapped vif translates."""
 
     dev: str

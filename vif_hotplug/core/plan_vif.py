@@ -8,7 +8,6 @@ the order addresses came in: networks are sorted first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from .errors import InvalidInput
@@ -36,6 +35,7 @@ from .model import (
 )
 from .plan_base import antispoof_ruleset, families_of
 from .plan_nat import NatNamespace, nat_peer, plan_nat_offline, plan_nat_online
+from .record import Record
 from .validation import IFNAMSIZ
 
 #: Interface hardening (Qubes' ``harden-network-interfaces`` service).
@@ -64,8 +64,7 @@ ALWAYS6 = (("ipv6/drop_unsolicited_na", "1"),)
 ALWAYS4 = (("ipv4/drop_gratuitous_arp", "1"),)
 
 
-@dataclass(frozen=True, order=True)
-class Mapped:
+class Mapped(Record):
     """A VM that sees ``visible`` (and ``visible_gateway``) instead of its real address ``real``."""
 
     real: IPv4Address
@@ -73,8 +72,7 @@ class Mapped:
     visible_gateway: IPv4Address | None = None
 
 
-@dataclass(frozen=True)
-class OnlineInputs:
+class OnlineInputs(Record):
     """Everything ``online`` of one vif depends on, already validated.
 
     ``dev`` is the final interface name (``vifname`` if set); ``rename_from``
@@ -98,8 +96,7 @@ class OnlineInputs:
     harden: bool = False
 
 
-@dataclass(frozen=True)
-class OfflineInputs:
+class OfflineInputs(Record):
     """Everything ``offline`` of one vif depends on.
 
     ``networks`` are the VM's addresses (from XenStore and from this vif's

@@ -316,7 +316,7 @@ class IptablesBackend:
         # the tables costs tens of milliseconds: an unchanged ruleset is not
         # read again.
         before = self._state(ruleset)
-        if self._verified.get(ruleset) == before:
+        if self._verified.holds(ruleset, before):
             return False
         changed = "changed" in self._isolated(ruleset, lambda b, part: ["changed"] if b._ensure_here(part) else [])
         # Trusted only when found complete and nothing moved while it was read.

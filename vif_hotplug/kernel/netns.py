@@ -10,10 +10,10 @@ other threads of a resident agent. It returns through
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from ..core.errors import DeviceGone, KernelError
 from ..core.model import LinkNetns, Netns, Veth
@@ -23,10 +23,12 @@ from .rtnl import Rtnl
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 
-_libc: ctypes.CDLL | None = None
+_libc: Any = None
 
 
 def _setns(fd: int) -> None:
+    import ctypes  # only when a namespace is entered: 5 ms a one-shot event need not pay
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)

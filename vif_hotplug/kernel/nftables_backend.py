@@ -397,7 +397,7 @@ class NftablesBackend:
         # The generation check costs one netlink round trip; listing the
         # tables costs libnftables a fetch of every set element (7.8 ms with
         # 1000 VMs), so an unchanged ruleset is not listed again.
-        if self._verified.get(ruleset) == _token(self._genid()):
+        if self._verified.holds(ruleset, _token(self._genid())):
             return False
         with file_lock(self._lock_path, self._lock_timeout, "nftables lock"):
             before = self._genid()

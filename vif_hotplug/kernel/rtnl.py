@@ -16,9 +16,9 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
 
+from ..core.record import Record
 from .nlsock import NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, NetlinkSocket
 from .nlsock import attr as _attr
 from .nlsock import attrs as _attrs
@@ -61,8 +61,7 @@ def _packed(addr: str) -> bytes:
     return ip_address(addr).packed
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(Record):
     index: int
     name: str
     up: bool
@@ -74,8 +73,7 @@ class Link:
     peer_elsewhere: bool
 
 
-@dataclass(frozen=True)
-class RouteInfo:
+class RouteInfo(Record):
     dst_len: int
     oif: int | None
     type: int

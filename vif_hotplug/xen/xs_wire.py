@@ -14,8 +14,9 @@ import errno
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Final
+
+from ..core.record import Record
 
 XENSTORE_PAYLOAD_MAX: Final = 4096
 XENSTORE_ABS_PATH_MAX: Final = 3072
@@ -127,8 +128,7 @@ def _check_uint32(name: str, value: int) -> None:
         raise WireError(f"{name}={value} does not fit in uint32")
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(Record):
     """``struct xsd_sockmsg``; ``type`` is a plain int so unknown types still decode."""
 
     type: int
@@ -151,8 +151,7 @@ class Header:
         return cls(*HEADER.unpack(data))
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(Record):
     """One complete message. ``op`` is ``None`` for types this module does not know."""
 
     type: int
@@ -311,8 +310,7 @@ class PermKind(enum.Enum):
 _PERM = re.compile(r"([nrwb])([0-9]+)")
 
 
-@dataclass(frozen=True)
-class Permission:
+class Permission(Record):
     """One entry of a node's permission list, e.g. ``n0`` or ``r5``.
 
     The first entry of a list names the owner, whose ``kind`` is what every
