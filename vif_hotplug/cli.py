@@ -327,8 +327,6 @@ COMMANDS: dict[str, Command] = {
     "lab": _lab,
     "xenstored": _xenstored,
 }
-#: Commands the agent never serves: they run long or need this very process.
-LOCAL_ONLY = frozenset({"lab", "xenstored", "agent"})
 
 
 def run(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out) -> int:
@@ -360,9 +358,9 @@ def main() -> None:
 
     argv = sys.argv[1:]
     code = None
-    if argv and argv[0] not in LOCAL_ONLY and "--watch" not in argv:
-        from .agent.client import via_agent
+    from .agent.client import served, via_agent
 
+    if served(PROG, argv):
         code = via_agent(PROG, argv, os.environ)
     sys.exit(code if code is not None else run_here(argv, os.environ))
 

@@ -511,3 +511,17 @@ def test_outcome_has_no_hooks_after_a_failure() -> None:
     changed = (Step("set", LinkState("vif4.0", True)),)
     assert Outcome(1, "vif4.0", plan, changed).hooks is None
     assert Outcome(0, "vif4.0", plan, changed).hooks == plan_hooks
+
+
+@pytest.mark.parametrize(("vifname", "ok"), [("vif4.0", True), ("work-vm", True), ("vif5.0", False), ("vif4.1", False)])
+def test_a_vifname_may_not_be_the_name_netback_gives_another_vif(vifname: str, ok: bool) -> None:
+    from vif_hotplug.core.errors import InvalidInput
+    from vif_hotplug.xenstore_env import read_backend
+
+    xs = FakeXenStore({"backend/vif/4/0/ip": "10.137.0.5", "backend/vif/4/0/mac": "00:16:3e:5e:6c:05",
+                       "backend/vif/4/0/vifname": vifname})
+    if ok:
+        assert read_backend(xs, "backend/vif/4/0", require=True).vifname == vifname
+    else:
+        with pytest.raises(InvalidInput, match="the name netback gives another vif"):
+            read_backend(xs, "backend/vif/4/0", require=True)

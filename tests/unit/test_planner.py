@@ -297,6 +297,13 @@ def test_drop_unsolicited_na_is_set_whenever_the_kernel_has_ipv6(link: LinkFacts
     assert (sysctls(online(A4, link=link)).get(key) == dict(ALWAYS6)["ipv6/drop_unsolicited_na"]) is planned
 
 
+def test_gratuitous_arp_is_dropped_on_every_vif_and_offline_restores_the_default() -> None:
+    key = f"net/ipv4/conf/{DEV}/drop_gratuitous_arp"
+    assert sysctls(online(A4)).get(key) == "1"
+    link = LinkFacts(exists=True, sysctl_defaults=(("ipv4/drop_gratuitous_arp", "0"),))
+    assert sysctls(offline(A4, link=link)).get(key) == "0"
+
+
 # --- online: a VM without addresses -------------------------------------------------------------------
 
 

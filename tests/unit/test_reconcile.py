@@ -119,3 +119,31 @@ def test_a_dry_run_plans_but_changes_nothing(settings: Settings) -> None:
     before = k.state()
     result = run(settings, xs, k, dry_run=True)
     assert k.state() == before and result.plans and xs.writes == []
+
+
+def test_an_allowed_address_that_left_xenstore_is_removed(settings: Settings) -> None:
+    xs, k = scene()
+    run(settings, xs, k)
+    xs.data["backend/vif/4/0/ip"] = "10.137.0.9"
+    run(settings, xs, k)
+    allowed = {e for e in k.set_elements if e.set == "allowed" and e.dev == "vif4.0"}
+    assert allowed == {SetElement(4, "allowed", "10.137.0.9/32", "vif4.0")}
+    assert SetElement(4, "downstream", "10.137.0.5/32") not in k.set_elements
+
+
+def test_a_half_done_offline_of_a_vif_no_longer_online_is_finished(settings: Settings) -> None:
+    xs, k = scene()
+    run(settings, xs, k)
+    xs.data["backend/vif/5/0/online"] = "0"
+    k.link("vif5.0").group = 0  # killed right after leaving group 2: its sysctls and routes are still set
+    result = run(settings, xs, k)
+    assert k.link("vif5.0").sysctls["ipv4/proxy_arp"] == "0"
+    assert k.routes_of("vif5.0") == set()
+    assert any(r.startswith("vif5.0: offline") for r in result.removed)
+
+
+def test_a_vif_offline_in_xenstore_and_clean_is_not_reported(settings: Settings) -> None:
+    xs, k = scene()
+    xs.data["backend/vif/5/0/online"] = "0"
+    result = run(settings, xs, k)
+    assert not any(r.startswith("vif5.0") for r in result.removed)

@@ -40,6 +40,15 @@ DEFAULT_STATE_DIR = "/run/vif-hotplug"
 TIMEOUT = 90.0
 #: Commands the agent serves; everything else always runs in-process.
 PROGS = ("vif-route-qubes", "qubes-setup-dnat-to-ns", "vif-hotplug")
+#: ``vif-hotplug`` commands that run where they are started (the agent itself, the lab, a XenStore).
+LOCAL_ONLY = ("lab", "xenstored", "agent")
+
+
+def served(prog: str, argv: "list[str]") -> bool:
+    """Whether the agent does ``prog argv`` (never a long-running ``--watch`` or a local-only command)."""
+    if prog not in PROGS or "--watch" in argv:
+        return False
+    return prog != "vif-hotplug" or (bool(argv) and argv[0] not in LOCAL_ONLY)
 
 
 def _get(env: "Env", name: str) -> "str | None":
@@ -113,7 +122,7 @@ def main() -> None:
     """``PROG ARGS...`` in ``sys.argv[1:]``: the agent's answer, else the full entry point in a new interpreter."""
     prog, argv = sys.argv[1], sys.argv[2:]
     env = posix.environ
-    code = via_agent(prog, argv, env) if prog in PROGS else None
+    code = via_agent(prog, argv, env) if served(prog, argv) else None
     if code is not None:
         sys.exit(code)
     module = {"vif-route-qubes": "vif_hotplug.vif_route", "qubes-setup-dnat-to-ns": "vif_hotplug.setup_dnat_to_ns"}

@@ -234,14 +234,14 @@ class Agent:
 
             return dns(argv, env, self.runtime, logs, out), None
         if prog == "vif-hotplug":
-            from ..cli import LOCAL_ONLY
             from ..cli import run as cli
+            from .client import served
 
             if argv[:1] == ["route"]:
                 from ..vif_route import run
 
                 return run(argv[1:], env, self.runtime, logs, out, prog="vif-hotplug route", in_agent=True)
-            if not argv or argv[0] in LOCAL_ONLY or "--watch" in argv:
+            if not served(prog, argv):
                 logging.getLogger(__name__).error("vif-hotplug %s: not served by the agent", " ".join(argv[:1]))
                 return 2, None
             return cli(argv, env, self.runtime, logs, out), None
