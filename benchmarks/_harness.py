@@ -293,6 +293,16 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def print_goals(goals: Sequence[Goal]) -> None:
+    """The goals' table and a count of those met ("(reported)" rows are shown, not counted)."""
+    print()
+    print(table(("goal", "measured", "baseline", "ratio [95% CI]", "limit", "result"), [g.row() for g in goals]))
+    failed = [g for g in goals if not g.passed and "(reported)" not in g.name]
+    counted = [g for g in goals if "(reported)" not in g.name]
+    print(f"\n{len(counted) - len(failed)} of {len(counted)} goals met"
+          f"{'' if not failed else ' (failed: ' + ', '.join(g.name for g in failed) + ')'}")
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")

@@ -69,6 +69,7 @@ from _harness import (
     log,
     machine_info,
     p50,
+    print_goals,
     require_root,
     rotate,
     sh,
@@ -314,12 +315,7 @@ def main() -> int:
               f"{args.others} other vifs online")
         print(table(("round", "ruleset", "Gbit/s", "no filtering Gbit/s", "ratio", "NAT-only Gbit/s",
                      "ratio to NAT-only", "retransmits"), round_rows))
-    print()
-    print(table(("goal", "measured", "baseline", "ratio [95% CI]", "limit", "result"), [g.row() for g in goals]))
-    failed = [g for g in goals if not g.passed and "(reported)" not in g.name]
-    counted = [g for g in goals if "(reported)" not in g.name]
-    print(f"\n{len(counted) - len(failed)} of {len(counted)} goals met"
-          f"{'' if not failed else ' (failed: ' + ', '.join(g.name for g in failed) + ')'}")
+    print_goals(goals)
     write_json(args.json, {
         "benchmark": NAME, "machine": info, "config": {k: str(v) for k, v in vars(args).items()},
         "setup_s": setup, **cells.as_dict(), "throughput": tput, "goals": [g.as_dict() for g in goals],

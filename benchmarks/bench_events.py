@@ -83,6 +83,7 @@ from _harness import (
     machine_info,
     old_worktree,
     p50,
+    print_goals,
     require_root,
     sh,
     table,
@@ -327,12 +328,7 @@ def main() -> int:
                     [[f"{b} #{i + 1}", f"{s['online_wall'] * 1e3:.0f}", f"{s['offline_wall'] * 1e3:.0f}",
                       f"{s['connected']}/{args.storm}", f"{s['online_cpu'] * 1e3:.0f}"]
                      for b in backends for i, s in enumerate(storms[b])]))
-    print()
-    print(table(("goal", "measured", "baseline", "ratio [95% CI]", "limit", "result"), [g.row() for g in goals]))
-    failed = [g for g in goals if not g.passed and "(reported)" not in g.name]
-    counted = [g for g in goals if "(reported)" not in g.name]
-    print(f"\n{len(counted) - len(failed)} of {len(counted)} goals met"
-          f"{'' if not failed else ' (failed: ' + ', '.join(g.name for g in failed) + ')'}")
+    print_goals(goals)
     write_json(args.json, {
         "benchmark": NAME, "machine": info, "config": {k: str(v) for k, v in vars(args).items()},
         "setup_s": setup, **cells.as_dict(), "storms": storms, "goals": [g.as_dict() for g in goals],

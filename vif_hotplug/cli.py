@@ -47,11 +47,15 @@ def _Parser(**kw: object) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(**kw)  # type: ignore[arg-type]
 
 
-def _parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str], logs: LogControl) -> argparse.Namespace | int:
+    """The parsed options (``-v`` already applied to the logs), or argparse's exit code."""
     try:
-        return parser.parse_args(list(argv))
+        args = parser.parse_args(list(argv))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "verbose", False):
+        logs.verbose(logging.DEBUG)
+    return args
 
 
 def _common(p: argparse.ArgumentParser, backend: bool = True) -> None:
@@ -100,11 +104,9 @@ def _init(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: L
     p.add_argument("-n", "--dry-run", action="store_true", help="print the plan and change nothing")
     p.add_argument("--resolv-conf", metavar="PATH",
                    help="upstream nameservers from PATH only (default: as qubes-setup-dnat-to-ns)")
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
-    if args.verbose:
-        logs.verbose(logging.DEBUG)
     try:
         settings = _settings(env, args.backend)
         # Not Runtime.backend_name: init itself moves the state from the other backend.
@@ -133,11 +135,9 @@ def _stop(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: L
     p = _Parser(prog=f"{PROG} stop", description="Switch IPv4 and IPv6 forwarding off, as Qubes' network "
                 "stop does (the firewall stays). exit status: 0 success, 1 error.")
     _common(p, backend=False)
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
-    if args.verbose:
-        logs.verbose(logging.DEBUG)
     try:
         settings = _settings(env, None)
         changed = stop(runtime.host(settings), kernel_has_ipv6())
@@ -158,11 +158,9 @@ def _connected_ips(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime
         "exactly what their source lists. exit status: 0 success, 1 error."))
     _common(p)
     p.add_argument("--watch", action="store_true", help="keep them up to date until SIGTERM/SIGINT")
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
-    if args.verbose:
-        logs.verbose(logging.DEBUG)
     try:
         settings = _settings(env, args.backend)
         host = runtime.host(settings)
@@ -196,11 +194,9 @@ def _status(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs:
     p.add_argument("vifs", nargs="*", metavar="VIF", help="only these vifs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--resolv-conf", metavar="PATH", help="upstream nameservers from PATH (as the DNS tool)")
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
-    if args.verbose:
-        logs.verbose(logging.DEBUG)
     try:
         settings = _settings(env, args.backend)
         backend = runtime.backend_name(settings)
@@ -237,11 +233,9 @@ def _reconcile(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, lo
     p.add_argument("-n", "--dry-run", action="store_true", help="print what would change and change nothing")
     p.add_argument("--resolv-conf", metavar="PATH",
                    help="the DNS rules' upstreams from PATH (as init --resolv-conf) instead of the system's")
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
-    if args.verbose:
-        logs.verbose(logging.DEBUG)
     try:
         settings = _settings(env, args.backend)
         host = runtime.host(settings)
@@ -276,7 +270,7 @@ def _agent(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: 
         "exit status: 0 stopped, 1 cannot listen, 2 usage.")
     p.add_argument("--socket", metavar="PATH", help="listen here (default: VIF_HOTPLUG_AGENT_SOCKET)")
     p.add_argument("--no-start-up", action="store_true", help="do not reconcile at start")
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
     try:
@@ -302,7 +296,7 @@ def _xenstored(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, lo
         "Clients: xenstore-utils with XENSTORED_PATH=PATH, vif-route-qubes.",
     )
     p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (replaced if stale)")
-    args = _parse(p, argv)
+    args = _parse(p, argv, logs)
     if isinstance(args, int):
         return args
     from .xen.xenstored import serve

@@ -1,7 +1,8 @@
 """``vif-hotplug agent``: one resident process serving every hotplug event, DNS run and status.
 
-It keeps what costs a one-shot process most (the interpreter, pyroute2,
-libnftables or python-iptables, open netlink sockets) and answers the thin
+It keeps what costs a one-shot process most (the interpreter and its
+imports, libnftables or python-iptables, open netlink and XenStore
+connections, the rulesets it found complete) and answers the thin
 client (:mod:`vif_hotplug.agent.client`) over a Unix socket: the client
 sends argv and the toolstack's environment, the agent runs the very entry
 point function the command would run in-process (so exit codes,
@@ -128,8 +129,8 @@ class _Lanes:
     """Work queued per key, run in arrival order per key, keys side by side on a pool of threads.
 
     A fixed pool, not a thread per key: pyroute2 keeps a netlink socket per
-    thread that uses it (ipset, conntrack), so short-lived threads would
-    leave one socket behind each.
+    thread that uses it (ipset creation, namespaces), so short-lived threads
+    would leave one socket behind each.
     """
 
     WORKERS = 32

@@ -1,8 +1,9 @@
 """Plain data: hotplug inputs, the kernel objects a plan is made of, and plans.
 
-Everything here is a frozen dataclass that compares and sorts by value, so
-plans can be compared in tests, printed for ``--dry-run`` and checked
-against the kernel by ``status`` without touching anything.
+Everything here is a frozen :class:`~vif_hotplug.core.record.Record` that
+compares by value, so plans can be compared in tests, printed for
+``--dry-run`` and checked against the kernel by ``status`` without touching
+anything.
 
 A kernel object names the network namespace it lives in (``netns``; ``None``
 is the caller's own): the NAT namespace of a mapped vif is built from the

@@ -99,8 +99,8 @@ class OnlineInputs(Record):
 class OfflineInputs(Record):
     """Everything ``offline`` of one vif depends on.
 
-    ``networks`` are the VM's addresses (from XenStore and from this vif's
-    set elements).
+    ``networks`` are the VM's addresses: from XenStore, or from this vif's
+    ``allowed`` elements when XenStore has no usable ``ip`` any more.
     """
 
     dev: str

@@ -4,8 +4,8 @@ Why not pyroute2 here: measured on this project's machine, pyroute2 0.9.7
 spends 0.7-1.1 ms per request (an asyncio loop per call and a full decode of
 every attribute), and an online event makes about fifteen of them; the same
 request on a plain netlink socket takes 0.02-0.04 ms (README, Performance).
-pyroute2 stays for what is rare or richer (conntrack, ipset, namespaces,
-veth pairs).
+pyroute2 stays for what is rare or richer (namespaces, veth pairs, ipset
+creation and listing); the netfilter side of an event is :mod:`.nfnl`.
 
 Messages follow ``linux/rtnetlink.h``; only the attributes this package
 reads are parsed. The transport is :mod:`.nlsock`'s.
