@@ -608,3 +608,29 @@ def test_empty_ip_brings_the_vif_up_passing_nothing_and_offline_undoes_it(netvm:
     assert netvm.dump() == before
     netvm.settle(4)
     assert record.read_text().splitlines()[-2:] == ["online vif4.0 vif", "offline vif4.0 vif"]
+
+
+# --- status and reconcile of one vif's leftovers ------------------------------------------------
+
+
+def test_status_and_reconcile_finish_a_half_done_offline(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    netvm.hotplug("online", 4)
+    netvm.xs_write(f"{netvm.backend(4)}/online", "0")
+    # As if offline had been killed right after the vif left group 2.
+    netvm.ns.run("ip", "link", "set", "vif4.0", "group", "0")
+    drift = netvm.tool("status", "vif4.0", "--json", check=False)
+    assert drift.returncode == 1 and "proxy_arp" in drift.stdout
+    netvm.tool("reconcile")
+    assert netvm.sysctl("net/ipv4/conf/vif4.0/proxy_arp") == "0"
+    assert "10.137.0.4" not in netvm.ns.run("ip", "route").stdout
+    assert netvm.tool("status", "vif4.0", check=False).returncode == 0
+
+
+def test_reconcile_drops_an_allowed_address_that_left_xenstore(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    netvm.hotplug("online", 4)
+    netvm.xs_write(f"{netvm.backend(4)}/ip", "10.137.0.9")
+    netvm.tool("reconcile")
+    assert netvm.members(4, "allowed") == ["vif4.0 . 10.137.0.9"]
+    assert netvm.members(4, "downstream") == ["10.137.0.9"]

@@ -36,6 +36,15 @@ def test_dual_stack_online_adds_ipv6_route_neighbour_gateway_and_set_entry(netvm
     assert netvm6.members(6, "downstream") == [VM6]
 
 
+def test_the_ipv6_gateway_is_usable_as_soon_as_online_reports(netvm6: Netvm) -> None:
+    netvm6.add_vm(4, ["10.137.0.5", VM6])
+    netvm6.hotplug("online", 4)
+    # No duplicate address detection on the vif: not "tentative", whatever the vif's accept_dad says.
+    shown = netvm6.ns.run("ip", "-6", "addr", "show", "dev", "vif4.0").stdout
+    line = next(x for x in shown.splitlines() if f"{GATEWAY6}/128" in x)
+    assert "tentative" not in line and "dadfailed" not in line
+
+
 def test_dual_stack_online_twice_changes_nothing(netvm6: Netvm) -> None:
     netvm6.add_vm(4, ["10.137.0.5", VM6])
     netvm6.hotplug("online", 4)
