@@ -698,3 +698,20 @@ def test_a_signal_inside_a_deferred_section_interrupts_right_after_it() -> None:
 def test_sigint_outside_a_deferred_section_interrupts_at_once() -> None:
     with pytest.raises(KeyboardInterrupt):
         runner._SignalGuard().handler(signal.SIGINT, None)
+
+
+def test_sigterm_while_a_log_line_is_written_still_interrupts(monkeypatch: pytest.MonkeyPatch) -> None:
+    class SignalsWhileWriting:
+        def write(self, text: str) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        def flush(self) -> None:
+            pass
+
+    logger = logging.getLogger("vif_hotplug.test.interrupted")
+    monkeypatch.setattr(logger, "handlers", [logging.StreamHandler(SignalsWhileWriting())])
+    monkeypatch.setattr(logger, "propagate", False)
+    with pytest.raises(runner.Interrupted, match="SIGTERM"), runner._signals_raise():
+        logger.error("started xenstored")
+        for _ in range(1000):  # the Python-level handler runs at the next bytecode boundary
+            pass

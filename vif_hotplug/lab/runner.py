@@ -105,8 +105,13 @@ class LabError(Exception):
     """Setting up the lab failed; the message says which step."""
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGHUP arrived (SIGINT arrives as ``KeyboardInterrupt``)."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived (SIGINT arrives as ``KeyboardInterrupt``).
+
+    A ``BaseException`` like ``KeyboardInterrupt``: the signal handler raises it
+    wherever the main thread is, and an ``except Exception`` there (``logging``
+    swallows errors raised while a record is written) would lose it.
+    """
 
 
 # --- state: what exists, so it can be removed by this run or by --down --------------
