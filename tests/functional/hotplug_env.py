@@ -300,6 +300,17 @@ class Netvm:
             ),
         }
 
+    def settled_dump(self) -> dict[str, list[str]]:
+        """:meth:`dump` once two in a row agree (the kernel finishes some work after a link change)."""
+        last = self.dump()
+        for _ in range(40):
+            time.sleep(0.05)
+            now = self.dump()
+            if now == last:
+                return now
+            last = now
+        return last
+
     def members(self, family: int, name: str) -> list[str]:
         """Members of a logical set (``allowed``: "vif4.0 . 10.137.0.5"), sorted."""
         return sorted(self.firewall().members(family, name))
@@ -340,7 +351,8 @@ def received(
 
 
 def capture(ns: Netns, dev: str, expression: str, during: Callable[[], object]) -> str:
-    """tcpdump's closing summary for packets matching ``expression`` on ``dev`` while ``during`` runs.
+    """tcpdump's closing summary for packets matching ``expression`` (filter and options, such as
+    ``-c1 port 53``) on ``dev`` while ``during`` runs.
 
     ``--immediate-mode`` hands each packet over at once, so none is lost in
     the buffer when tcpdump is stopped; "received by filter" counts in the

@@ -286,6 +286,15 @@ def nothing_captured(summary: str) -> bool:
     return "0 packets captured" in summary and "0 packets received by filter" in summary
 
 
+def forged_then_control_to_the_uplink(
+    t: Topology, g: Guest, dst: str, port: int, forged: bytes, control: bytes,
+) -> tuple[str, list[str]]:
+    """:func:`attack_and_control` for frames ``g`` sends towards ``dst`` on the uplink: ``forged`` twice,
+    then ``control``."""
+    return attack_and_control(t.uplink, dst, port, t.netvm.tmp / f"s{port}.log", t.uplink, "wan0",
+                              lambda: send_frames(g, forged, forged), lambda: send_frames(g, control), "control")
+
+
 # --- the crafting is sound (controls for everything below) -------------------------------------
 
 
@@ -323,9 +332,7 @@ def test_a_vm_cannot_send_from_a_forged_ipv4_source(bare: Topology, source: str)
     port = t.port()
     forged = ipv4_udp(g.mac, source, UP4, FORGED_PORT, port, "forged")
     control = ipv4_udp(g.mac, g.ip4, UP4, CONTROL_PORT, port, "control")
-    summary, got = attack_and_control(t.uplink, UP4, port, t.netvm.tmp / f"s{port}.log", t.uplink, "wan0",
-                                      lambda: send_frames(g, forged, forged), lambda: send_frames(g, control),
-                                      "control")
+    summary, got = forged_then_control_to_the_uplink(t, g, UP4, port, forged, control)
     assert nothing_captured(summary), summary
     assert got == [f"{g.ip4} control"]
 
@@ -347,9 +354,7 @@ def test_a_vm_cannot_send_from_a_forged_ipv6_source(bare: Topology, source: str)
     port = t.port()
     forged = ipv6_udp(g.mac, source, UP6, FORGED_PORT, port, "forged")
     control = ipv6_udp(g.mac, g.ip6, UP6, CONTROL_PORT, port, "control")
-    summary, got = attack_and_control(t.uplink, UP6, port, t.netvm.tmp / f"s{port}.log", t.uplink, "wan0",
-                                      lambda: send_frames(g, forged, forged), lambda: send_frames(g, control),
-                                      "control")
+    summary, got = forged_then_control_to_the_uplink(t, g, UP6, port, forged, control)
     assert nothing_captured(summary), summary
     assert got == [f"{g.ip6} control"]
 
@@ -367,9 +372,7 @@ def test_an_ipv4_only_vm_passes_no_ipv6_at_all(bare: Topology, source: str) -> N
     port = t.port()
     forged = ipv6_udp(g.mac, source, UP6, FORGED_PORT, port, "forged")
     control = ipv4_udp(g.mac, g.ip4, UP4, CONTROL_PORT, port, "control")
-    summary, got = attack_and_control(t.uplink, UP4, port, t.netvm.tmp / f"s{port}.log", t.uplink, "wan0",
-                                      lambda: send_frames(g, forged, forged), lambda: send_frames(g, control),
-                                      "control")
+    summary, got = forged_then_control_to_the_uplink(t, g, UP4, port, forged, control)
     assert nothing_captured(summary), summary
     assert got == [f"{g.ip4} control"]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.functional.conftest import Netns, NetnsFactory, entry_point, require_root, require_tool
+from tests.functional.hotplug_env import capture
 from tests.functional.kernel_state import FirewallState, read_firewall
 
 TOOL = "qubes-setup-dnat-to-ns"
@@ -658,41 +659,11 @@ def test_chained_netvm_query_is_refused_when_upstream_netvm_has_no_upstream(
     assert ("connection refused" in out, "timed out" in out) == (True, False)
 
 
-def capture_uplink_dns(lab: Lab, send: Callable[[], object]) -> str:
-    """tcpdump's summary for DNS packets leaving the netvm's uplink while ``send`` runs.
-
-    ``--immediate-mode`` hands each packet over at once; otherwise it may sit
-    in the capture buffer and be lost when tcpdump is stopped.
-    """
-    tcpdump = require_tool("tcpdump")
-    proc = lab.netvm.popen(
-        [tcpdump, "-i", UPLINK, "-n", "--immediate-mode", "-c1", "port", "53"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    try:
-        lines: list[str] = []
-        while not any("listening on" in line for line in lines):
-            line = proc.stderr.readline()
-            if not line:
-                pytest.fail(f"tcpdump did not start: {''.join(lines)}")
-            lines.append(line)
-        send()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=PATIENCE)
-        return rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.mark.parametrize("opts", TRANSPORTS)
 def test_no_upstream_query_never_leaves_uplink(lab: Lab, opts: tuple[str, ...]) -> None:
     set_resolv_conf(lab.netvm, "nameserver 127.0.0.53\n")
     lab.setup_dns()
-    summary = capture_uplink_dns(lab, lambda: lab.dig(DNS1, *opts))
+    summary = capture(lab.netvm, UPLINK, "-c1 port 53", lambda: lab.dig(DNS1, *opts))
     # "received by filter" counts in the kernel, so it also covers a packet
     # still buffered when tcpdump was stopped.
     assert ("0 packets captured" in summary, "0 packets received by filter" in summary) == (True, True)
@@ -702,5 +673,5 @@ def test_query_with_upstream_is_seen_on_uplink(lab: Lab) -> None:
     # Control for the test above: the same capture does see a forwarded query.
     set_resolv_conf(lab.netvm, f"nameserver {SERVER_A}\n")
     lab.setup_dns()
-    summary = capture_uplink_dns(lab, lambda: lab.dig(DNS1))
+    summary = capture(lab.netvm, UPLINK, "-c1 port 53", lambda: lab.dig(DNS1))
     assert "1 packet captured" in summary

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -59,18 +58,6 @@ def netvm(request: pytest.FixtureRequest) -> Iterator[Netvm]:
 # --- the contract ----------------------------------------------------------------------------
 
 
-def settled(netvm: Netvm) -> dict[str, list[str]]:
-    """``netvm.dump()`` once two in a row agree (the kernel finishes some work after a link change)."""
-    last = netvm.dump()
-    for _ in range(40):
-        time.sleep(0.05)
-        now = netvm.dump()
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def vif_device(netvm: Netvm) -> str:
     """The name VM 4's vif has now: the only link with netback's MAC here, whatever it was renamed to."""
     for line in netvm.ns.run("ip", "-o", "link", "show").stdout.splitlines():
@@ -93,7 +80,7 @@ def restore_vif(netvm: Netvm, offline: bool = True) -> None:
         netvm.ns.run("ip", "link", "set", name, "down")
         netvm.ns.run("ip", "link", "set", name, "name", "vif4.0")
     if offline:
-        settled(netvm)
+        netvm.settled_dump()
 
 
 def assert_refused_or_done(
@@ -106,7 +93,7 @@ def assert_refused_or_done(
         return
     after = netvm.dump()
     if after != before:  # look again once the kernel is done with whatever it was doing
-        after = settled(netvm)
+        after = netvm.settled_dump()
     if usage is not None and proc.returncode == usage:
         lines = proc.stderr.split("\n")
         assert proc.stderr.endswith("\n") and ": error: " in lines[-2], proc.stderr

@@ -172,18 +172,6 @@ def quiet_ipv6(netvm: Netvm) -> None:
         netvm.ns.run("sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0")
 
 
-def settled(netvm: Netvm) -> dict[str, list[str]]:
-    """``netvm.dump()`` once two in a row agree (the kernel finishes some work after a link change)."""
-    last = netvm.dump()
-    for _ in range(40):
-        time.sleep(0.05)
-        now = netvm.dump()
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def ok(result: tuple[int, str], *accepted: int) -> None:
     rc, err = result
     assert rc in (accepted or (0,)), f"exit {rc}: {err}"
@@ -365,7 +353,7 @@ def test_fifty_concurrent_onlines_then_offlines_racing_everything_end_in_the_seq
             for domid in DOMIDS:
                 ok(driver.hotplug(phase, domid))
             ok(driver.run("cli", "reconcile"))
-        assert differences(settled(netvm), settled(ref)) == {}, f"after the concurrent {phase}s"
+        assert differences(netvm.settled_dump(), ref.settled_dump()) == {}, f"after the concurrent {phase}s"
 
 
 # --- faults -------------------------------------------------------------------------------------------
@@ -378,11 +366,11 @@ class FaultBed:
 
     def __init__(self, netvm: Netvm, driver: Driver) -> None:
         self.netvm, self.driver = netvm, driver
-        self.offline = settled(netvm)
+        self.offline = netvm.settled_dump()
         ok(driver.hotplug("online", FAULT_DOMID, fork=True))
-        self.online = settled(netvm)
+        self.online = netvm.settled_dump()
         ok(driver.hotplug("offline", FAULT_DOMID, fork=True))
-        assert settled(netvm) == self.offline
+        assert netvm.settled_dump() == self.offline
 
     def state(self, want: str) -> dict[str, tuple[list[str], list[str]]]:
         """What differs from the clean ``want`` state (looked at again briefly: the kernel may still be busy)."""
@@ -507,7 +495,7 @@ def drift_bed(request: pytest.FixtureRequest) -> Iterator[DriftBed]:
             netvm.tool("init", "--resolv-conf", bed.resolv)
             netvm.hotplug("online", 4)
             netvm.hotplug("online", 6)
-            bed.clean = settled(netvm)
+            bed.clean = netvm.settled_dump()
             yield bed
     finally:
         factory.cleanup()
@@ -582,7 +570,7 @@ def _break(bed: DriftBed, name: str) -> None:
 
 
 def _precondition(bed: DriftBed) -> None:
-    diff = differences(settled(bed.netvm), bed.clean)
+    diff = differences(bed.netvm.settled_dump(), bed.clean)
     assert diff == {}, f"the shared drift bed is not clean before this test (an earlier one left drift): {diff}"
 
 
@@ -635,7 +623,7 @@ def test_reconcile_repairs_the_drift_exactly_and_forged_packets_are_dropped_agai
     assert proc.returncode == 0, proc.stderr
     rc, report = drift_bed.status()
     assert (rc, _drifted(report)) == (0, set())
-    assert differences(settled(drift_bed.netvm), drift_bed.clean) == {}
+    assert differences(drift_bed.netvm.settled_dump(), drift_bed.clean) == {}
     assert _forged_then_genuine(drift_bed, 5000 + list(DRIFTS).index(name)) == ["genuine"]
 
 
@@ -655,7 +643,7 @@ SOAK_CYCLES = 1000
 
 def _snapshot(netvm: Netvm) -> dict[str, list[str]]:
     """Everything the soak must leave as it was: the dump, conntrack, NAT namespaces, state files."""
-    snap = settled(netvm)
+    snap = netvm.settled_dump()
     entries = []
     for line in netvm.ns.run("conntrack", "-L", check=False).stdout.splitlines():
         words = line.split()
