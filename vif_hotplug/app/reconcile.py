@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -88,11 +89,33 @@ def reconcile(
         host.record_connected(None)  # its first event compares the connected sets in full
     if base:
         _reconcile_base(settings, host, xs, qubesdb, dry_run, result, resolv_conf)
+
     def lock() -> AbstractContextManager[None]:
         return file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock")
 
+    wanted, elements = _bring_online(settings, host, xs, qubesdb, lock, dry_run, result)
+    with lock():
+        steps = _gone_steps(host, wanted, elements)
+    if steps:
+        plan = Plan("reconcile", "reconcile", tuple(steps))
+        result.plans.append(plan)
+        result.removed += [s.lines()[0] for s in steps]
+        if not dry_run:
+            try:
+                result.changes += len(apply_best_effort(steps, host, "reconcile"))
+            except HotplugError as exc:
+                result.errors.append(str(exc))
+    _take_strays_offline(settings, host, xs, qubesdb, lock, dry_run, result, wanted)
+    return result
+
+
+def _bring_online(
+    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None,
+    lock: Callable[[], AbstractContextManager[None]], dry_run: bool, result: ReconcileResult,
+) -> tuple[set[str], set[SetElement]]:
+    """Online every vif XenStore marks online whose device exists: (their devices, the allowed
+    elements they want; other elements of theirs, left by an ``ip`` that changed, go)."""
     wanted: set[str] = set()
-    #: The allowed elements online vifs want: others of theirs (an ``ip`` that changed) go too.
     elements: set[SetElement] = set()
     for vif in online_vifs(xs):
         dev = _device(host, xs, vif)
@@ -112,17 +135,14 @@ def reconcile(
             result.plans.append(outcome.plan)
         if outcome.hooks is not None and not dry_run:
             run_hooks(outcome.hooks)
-    with lock():
-        steps = _gone_steps(host, wanted, elements)
-    if steps:
-        plan = Plan("reconcile", "reconcile", tuple(steps))
-        result.plans.append(plan)
-        result.removed += [s.lines()[0] for s in steps]
-        if not dry_run:
-            try:
-                result.changes += len(apply_best_effort(steps, host, "reconcile"))
-            except HotplugError as exc:
-                result.errors.append(str(exc))
+    return wanted, elements
+
+
+def _take_strays_offline(
+    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None,
+    lock: Callable[[], AbstractContextManager[None]], dry_run: bool, result: ReconcileResult, wanted: set[str],
+) -> None:
+    """Offline every vif device here that no online vif wants."""
     for dev, stray in _stray_vifs(host, wanted):
         outcome = handle_event(HotplugEvent("offline", stray, dev), settings, host, xs, qubesdb, lock,
                                dry_run=dry_run)
@@ -133,7 +153,6 @@ def reconcile(
         result.changes += len(outcome.changed)
         if outcome.exit_code != 0:
             result.errors.append(f"{dev}: {outcome.error}")
-    return result
 
 
 def _would_change(plan: Plan, host: NetvmHost) -> bool:
