@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from .core.errors import InvalidInput
 from .core.model import VmNetwork
-from .core.record import Record
 from .core.validation import VifId, parse_ifname, parse_mac, parse_vif_name, parse_vm_addresses, parse_xenbus_path
 
 
@@ -72,7 +72,8 @@ _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 _VALUE_RE = re.compile(r"[A-Za-z0-9_.:/-]{0,64}")
 
 
-class HotplugEvent(Record):
+@dataclass(frozen=True, slots=True)
+class HotplugEvent:
     command: Command
     vif: VifId
     #: Interface name netback (or udev) gave us; the vif may be renamed later.
@@ -127,7 +128,8 @@ def parse_invocation(args: Sequence[str], env: Mapping[str, str]) -> HotplugEven
     return HotplugEvent(cmd, vif, dev, tuple(options))
 
 
-class BackendConfig(Record):
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
     """The vif's backend keys, validated. ``vm`` is None when offline found no usable ``ip``."""
 
     vm: VmNetwork | None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import ip_network
 from typing import Any
 
@@ -49,7 +49,6 @@ from vif_hotplug.core.model import (
 )
 from vif_hotplug.core.plan_base import base_ruleset
 from vif_hotplug.core.plan_nat import nat_netns
-from vif_hotplug.core.record import replace
 
 Netname = str | None
 #: Per-interface keys every fake link has (``conf/<dev>/...``).

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..core.errors import DeviceGone, HotplugError, KernelError
 from ..core.model import Step
-from ..core.record import Record
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class ObjectOps(Record, Generic[T]):
+@dataclass(frozen=True, slots=True)
+class ObjectOps(Generic[T]):
     """An object kind: ``add``/``remove`` say whether they changed anything."""
 
     add: Callable[[T], bool]
@@ -41,7 +42,8 @@ class ObjectOps(Record, Generic[T]):
     present: Callable[[T], bool]
 
 
-class SettingOps(Record, Generic[T]):
+@dataclass(frozen=True, slots=True)
+class SettingOps(Generic[T]):
     """A setting kind: ``set`` returns the previous value when it changed, else ``None``;
     ``current`` the value the kernel has now (``None`` when the object is gone)."""
 
@@ -49,7 +51,8 @@ class SettingOps(Record, Generic[T]):
     current: Callable[[T], T | None]
 
 
-class EnsureOps(Record, Generic[T]):
+@dataclass(frozen=True, slots=True)
+class EnsureOps(Generic[T]):
     """A ruleset kind: ``ensure`` says whether it changed anything; ``drift``
     lists what differs from the kernel (empty when in place)."""
 
@@ -57,7 +60,8 @@ class EnsureOps(Record, Generic[T]):
     drift: Callable[[T], list[str]]
 
 
-class ActionOps(Record, Generic[T]):
+@dataclass(frozen=True, slots=True)
+class ActionOps(Generic[T]):
     run: Callable[[T], None]
 
 
@@ -115,7 +119,8 @@ def _dispatch(step: Step, ops: Ops) -> tuple[bool, Step | None]:
     raise KernelError(f"cannot {step.op} {type(t).__name__}")
 
 
-class Applied(Record):
+@dataclass(frozen=True, slots=True)
+class Applied:
     """What one all-or-nothing run changed, and the steps that would undo it."""
 
     changed: tuple[Step, ...]
@@ -183,7 +188,8 @@ def apply_best_effort(steps: Sequence[Step], host: Host, tag: str, on_step: Step
     return changed
 
 
-class Drift(Record):
+@dataclass(frozen=True, slots=True)
+class Drift:
     """One step whose object is not as the step wants it."""
 
     step: Step

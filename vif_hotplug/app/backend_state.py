@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..core.record import Record
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Marker(Record):
+@dataclass(frozen=True, slots=True)
+class Marker:
     backend: str
     init: bool = False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..core.errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from ..core.firewall import Family, SetElement
@@ -31,7 +32,6 @@ from ..core.netvm_params import (
 from ..core.plan_base import families_of
 from ..core.plan_connected import connected_steps
 from ..core.plan_vif import OfflineInputs, OnlineInputs, plan_offline, plan_online
-from ..core.record import Record
 from ..core.validation import parse_vm_addresses
 from ..xenstore_env import (
     BACKEND_KEYS,
@@ -51,7 +51,8 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-class Outcome(Record):
+@dataclass(frozen=True, slots=True)
+class Outcome:
     """How an event ended: the exit code the toolstack sees, and what to run next."""
 
     exit_code: int

@@ -19,6 +19,7 @@ In order, each step idempotent:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..core.errors import HotplugError, InvalidInput, XenStoreUnavailable
@@ -28,7 +29,6 @@ from ..core.netvm_params import Reader, resolve_connected, resolve_params
 from ..core.plan_base import families_of, plan_base, plan_stop
 from ..core.plan_connected import connected_steps
 from ..core.plan_dns import plan_dns_ruleset, plan_guard_ruleset
-from ..core.record import Record
 from .applier import Applied, StepHook, apply_all_or_nothing
 from .backend_state import Marker, other, read_marker, write_marker
 from .dns import forget_flows
@@ -105,7 +105,8 @@ def stop(host: HotplugHost, ipv6_in_kernel: bool) -> int:
     return len(apply_all_or_nothing(plan_stop(ipv6_in_kernel), host, "stop").changed)
 
 
-class InitResult(Record):
+@dataclass(frozen=True, slots=True)
+class InitResult:
     changes: int
     plan: Plan
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from ..core.errors import InvalidInput
 from ..core.netvm_params import DEFAULT_HOOKS_DIR, NetvmConf, parse_conf
-from ..core.record import Record, replace
 
 DEFAULT_CONF = "/etc/vif-hotplug/netvm.conf"
 DEFAULT_LOCK = "/run/vif-hotplug.lock"
@@ -43,7 +43,8 @@ def _absolute(value: str, what: str) -> str:
     return value
 
 
-class Settings(Record):
+@dataclass(frozen=True, slots=True)
+class Settings:
     conf_path: str = DEFAULT_CONF
     #: netvm.conf parsed, ``None`` when absent or broken (see ``conf_error``).
     conf: NetvmConf | None = None

@@ -14,10 +14,9 @@ what ``--dry-run`` shows and the backend-independent form tests compare.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Literal
-
-from .record import Record
 
 Family = Literal[4, 6]
 Direction = Literal["in", "out"]
@@ -56,7 +55,8 @@ def _not(negate: bool) -> str:
 # --- predicates ------------------------------------------------------------------
 
 
-class IfName(Record):
+@dataclass(frozen=True, slots=True)
+class IfName:
     """The in- or out-interface by name; ``by_index`` compares the index instead (``iif lo``)."""
 
     direction: Direction
@@ -69,7 +69,8 @@ class IfName(Record):
         return f"{key} {_not(self.negate)}{self.name}"
 
 
-class IfGroup(Record):
+@dataclass(frozen=True, slots=True)
+class IfGroup:
     direction: Direction
     group: int
     negate: bool = False
@@ -78,7 +79,8 @@ class IfGroup(Record):
         return f"{'iif' if self.direction == 'in' else 'oif'}group {_not(self.negate)}{self.group}"
 
 
-class Addr(Record):
+@dataclass(frozen=True, slots=True)
+class Addr:
     """Source or destination address in ``network`` (``10.0.0.1/32`` or wider)."""
 
     direction: AddrDirection
@@ -91,7 +93,8 @@ class Addr(Record):
         return f"{_ip(family)} {'s' if self.direction == 'src' else 'd'}addr {_not(self.negate)}{shown}"
 
 
-class InSet(Record):
+@dataclass(frozen=True, slots=True)
+class InSet:
     """Membership of the source (or destination) address in a logical set.
 
     For ``allowed`` the key is the pair (in-interface name, source address).
@@ -109,7 +112,8 @@ class InSet(Record):
         return f"{'iifname . ' if self.with_interface else ''}{addr} @{self.set}"
 
 
-class Proto(Record):
+@dataclass(frozen=True, slots=True)
+class Proto:
     """The layer-4 protocol (``meta l4proto``)."""
 
     proto: L4
@@ -120,7 +124,8 @@ class Proto(Record):
         return f"meta l4proto {_not(self.negate)}{shown}"
 
 
-class DPort(Record):
+@dataclass(frozen=True, slots=True)
+class DPort:
     """Destination port of ``proto`` (implies the protocol)."""
 
     proto: Literal["tcp", "udp"]
@@ -130,7 +135,8 @@ class DPort(Record):
         return f"{self.proto} dport {self.port}"
 
 
-class IcmpType(Record):
+@dataclass(frozen=True, slots=True)
+class IcmpType:
     """ICMP (family 4) or ICMPv6 (family 6) message types, by number (implies the protocol)."""
 
     types: tuple[int, ...]
@@ -145,7 +151,8 @@ class IcmpType(Record):
         return f"{'icmpv6' if family == 6 else 'icmp'} type {shown}"
 
 
-class CtState(Record):
+@dataclass(frozen=True, slots=True)
+class CtState:
     states: tuple[CtStateName, ...]
 
     def text(self, family: Family) -> str:
@@ -158,17 +165,20 @@ Predicate = IfName | IfGroup | Addr | InSet | Proto | DPort | IcmpType | CtState
 # --- verdicts and actions -----------------------------------------------------------------
 
 
-class Accept(Record):
+@dataclass(frozen=True, slots=True)
+class Accept:
     def text(self) -> str:
         return "accept"
 
 
-class Drop(Record):
+@dataclass(frozen=True, slots=True)
+class Drop:
     def text(self) -> str:
         return "drop"
 
 
-class Reject(Record):
+@dataclass(frozen=True, slots=True)
+class Reject:
     kind: RejectKind
 
     def text(self) -> str:
@@ -181,35 +191,40 @@ class Reject(Record):
         }[self.kind]
 
 
-class Jump(Record):
+@dataclass(frozen=True, slots=True)
+class Jump:
     chain: str
 
     def text(self) -> str:
         return f"jump {self.chain}"
 
 
-class Goto(Record):
+@dataclass(frozen=True, slots=True)
+class Goto:
     chain: str
 
     def text(self) -> str:
         return f"goto {self.chain}"
 
 
-class Dnat(Record):
+@dataclass(frozen=True, slots=True)
+class Dnat:
     to: str
 
     def text(self) -> str:
         return f"dnat to {self.to}"
 
 
-class Snat(Record):
+@dataclass(frozen=True, slots=True)
+class Snat:
     to: str
 
     def text(self) -> str:
         return f"snat to {self.to}"
 
 
-class Masquerade(Record):
+@dataclass(frozen=True, slots=True)
+class Masquerade:
     def text(self) -> str:
         return "masquerade"
 
@@ -217,7 +232,8 @@ class Masquerade(Record):
 Verdict = Accept | Drop | Reject | Jump | Goto | Dnat | Snat | Masquerade
 
 
-class Rule(Record):
+@dataclass(frozen=True, slots=True)
+class Rule:
     """Packets matching every predicate get ``verdict`` (``None``: only counted)."""
 
     match: tuple[Predicate, ...] = ()
@@ -245,7 +261,8 @@ def rule(*match: Predicate, verdict: Verdict | None = None, counter: bool = Fals
 # --- chains, sets, tables --------------------------------------------------------------------
 
 
-class Hook(Record):
+@dataclass(frozen=True, slots=True)
+class Hook:
     """What makes a chain a base chain: where packets enter it, and its policy."""
 
     hook: Literal["prerouting", "input", "forward", "output", "postrouting"]
@@ -262,7 +279,8 @@ class Hook(Record):
 ChainKind = Literal["owned", "reserved", "replaced", "absent"]
 
 
-class Chain(Record):
+@dataclass(frozen=True, slots=True)
+class Chain:
     """A chain and what we hold of it.
 
     ``owned``: made to hold exactly ``rules``; ``replaced``: the same, but
@@ -288,7 +306,8 @@ class Chain(Record):
         return [head] + [f"  {r.text(family)}" for r in self.rules]
 
 
-class SetElement(Record, order=True):
+@dataclass(frozen=True, slots=True, order=True)
+class SetElement:
     """A member of a logical set: ``network`` and, for ``allowed``, the interface."""
 
     family: Family
@@ -303,7 +322,8 @@ class SetElement(Record, order=True):
         return f"element {_ip(self.family)} qubes {self.set} {{ {member} }}"
 
 
-class Table(Record):
+@dataclass(frozen=True, slots=True)
+class Table:
     """One family's part of a ruleset: the sets and chains we hold there."""
 
     family: Family
@@ -324,7 +344,8 @@ class Table(Record):
         raise KeyError(name)
 
 
-class Ruleset(Record):
+@dataclass(frozen=True, slots=True)
+class Ruleset:
     """Everything one tool wants in the firewall, applied as one transaction.
 
     ``what`` names it in logs (``antispoof``, ``base``, ``dns``, ``nat``);

@@ -1,6 +1,6 @@
 """Plain data: hotplug inputs, the kernel objects a plan is made of, and plans.
 
-Everything here is a frozen :class:`~vif_hotplug.core.record.Record` that
+Everything here is a frozen, slotted dataclass that
 compares by value, so plans can be compared in tests, printed for
 ``--dry-run`` and checked against the kernel by ``status`` without touching
 anything.
@@ -12,10 +12,9 @@ same objects as the netvm itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Literal
-
-from .record import Record
 
 if TYPE_CHECKING:
     from .firewall import Ruleset, SetElement
@@ -42,7 +41,8 @@ def route_metric(domid: int) -> int:
     return MAX_DOMID - domid
 
 
-class VmNetwork(Record):
+@dataclass(frozen=True, slots=True)
+class VmNetwork:
     """What XenStore says about the VM behind one vif (already validated).
 
     ``networks`` is empty for a VM without addresses (``ip`` key empty):
@@ -62,7 +62,8 @@ class VmNetwork(Record):
         return tuple(n for n in self.networks if isinstance(n, IPv6Network))
 
 
-class NetvmParams(Record):
+@dataclass(frozen=True, slots=True)
+class NetvmParams:
     """Addresses this driver domain presents to its VMs."""
 
     gateway: IPv4Address | None = None
@@ -109,7 +110,8 @@ RESTORED_SYSCTLS: tuple[str, ...] = (
 )
 
 
-class LinkFacts(Record):
+@dataclass(frozen=True, slots=True)
+class LinkFacts:
     """What the kernel says about the vif right now; gathered before planning."""
 
     exists: bool
@@ -133,7 +135,8 @@ def _in(netns: str | None) -> str:
     return f" (netns {netns})" if netns else ""
 
 
-class Sysctl(Record):
+@dataclass(frozen=True, slots=True)
+class Sysctl:
     """``/proc/sys/<key>``, e.g. ``net/ipv4/conf/vif4.0/proxy_arp``."""
 
     key: str
@@ -161,7 +164,8 @@ def dev_sysctl(key: str, dev: str, value: str, netns: str | None = None) -> Sysc
     return Sysctl(f"net/{family}/conf/{dev}/{name}", value, netns)
 
 
-class LinkRename(Record):
+@dataclass(frozen=True, slots=True)
+class LinkRename:
     dev: str
     new_name: str
 
@@ -169,7 +173,8 @@ class LinkRename(Record):
         return f"link {self.dev} rename to {self.new_name}"
 
 
-class LinkGroup(Record):
+@dataclass(frozen=True, slots=True)
+class LinkGroup:
     dev: str
     group: int
     netns: str | None = None
@@ -178,7 +183,8 @@ class LinkGroup(Record):
         return f"link {self.dev} group {self.group}{_in(self.netns)}"
 
 
-class LinkState(Record):
+@dataclass(frozen=True, slots=True)
+class LinkState:
     dev: str
     up: bool
     netns: str | None = None
@@ -187,7 +193,8 @@ class LinkState(Record):
         return f"link {self.dev} {'up' if self.up else 'down'}{_in(self.netns)}"
 
 
-class Neighbour(Record):
+@dataclass(frozen=True, slots=True)
+class Neighbour:
     """Permanent neighbour entry: pins the VM's MAC (no ARP/NDP poisoning)."""
 
     dev: str
@@ -199,7 +206,8 @@ class Neighbour(Record):
         return f"neighbour {self.address} lladdr {self.mac} dev {self.dev} permanent{_in(self.netns)}"
 
 
-class Route(Record):
+@dataclass(frozen=True, slots=True)
+class Route:
     dev: str
     destination: str
     metric: int = 0
@@ -215,7 +223,8 @@ class Route(Record):
         return f"route {self.destination}{via} dev {self.dev}{metric}{scope}{_in(self.netns)}"
 
 
-class DeviceAddress(Record):
+@dataclass(frozen=True, slots=True)
+class DeviceAddress:
     dev: str
     address: str  # "10.137.0.1/32"
     netns: str | None = None
@@ -227,7 +236,8 @@ class DeviceAddress(Record):
         return f"address {self.address} dev {self.dev}{scope}{_in(self.netns)}"
 
 
-class Netns(Record):
+@dataclass(frozen=True, slots=True)
+class Netns:
     """A named network namespace (``/run/netns/<name>``)."""
 
     name: str
@@ -236,7 +246,8 @@ class Netns(Record):
         return f"netns {self.name}"
 
 
-class LinkNetns(Record):
+@dataclass(frozen=True, slots=True)
+class LinkNetns:
     """Device ``dev`` of the caller's namespace lives in namespace ``target`` (same name)."""
 
     dev: str
@@ -246,7 +257,8 @@ class LinkNetns(Record):
         return f"link {self.dev} moved into netns {self.target}"
 
 
-class Veth(Record):
+@dataclass(frozen=True, slots=True)
+class Veth:
     """A veth pair: ``dev`` here, ``peer`` in namespace ``peer_netns``."""
 
     dev: str
@@ -259,7 +271,8 @@ class Veth(Record):
         return f"veth {self.dev} ({self.mac}) peer {self.peer} ({self.peer_mac}) in netns {self.peer_netns}"
 
 
-class ConntrackPurge(Record):
+@dataclass(frozen=True, slots=True)
+class ConntrackPurge:
     """Conntrack entries whose original or reply tuple has one of ``addresses`` are deleted.
 
     One step for all of an event's addresses: the kernel walks its whole
@@ -271,7 +284,8 @@ class ConntrackPurge(Record):
         return f"conntrack entries from or to {', '.join(self.addresses)} purged"
 
 
-class AddressRelease(Record):
+@dataclass(frozen=True, slots=True)
+class AddressRelease:
     """``network`` left ``dev``: its ``downstream`` element and conntrack entries go,
     unless another VM interface still routes it (a restarted VM already on its
     new vif keeps both). Decided when applied, after this vif's routes are gone:
@@ -285,7 +299,8 @@ class AddressRelease(Record):
         return f"release {self.network} of {self.dev} (downstream element, conntrack) unless another vif routes it"
 
 
-class Hooks(Record):
+@dataclass(frozen=True, slots=True)
+class Hooks:
     """The administrator's hook scripts for one event (run after the status is reported)."""
 
     command: str
@@ -303,7 +318,8 @@ class Hooks(Record):
 Op = Literal["add", "remove", "set", "ensure", "run"]
 
 
-class Step(Record):
+@dataclass(frozen=True, slots=True)
+class Step:
     """One change: ``add``/``remove`` an object, ``set`` a setting, ``ensure`` a
     firewall ruleset (idempotent, shared, never undone) or ``run`` an action."""
 
@@ -327,7 +343,8 @@ class Step(Record):
         return [f"{self.op} {self.target}"]
 
 
-class Plan(Record):
+@dataclass(frozen=True, slots=True)
+class Plan:
     command: str
     dev: str
     steps: tuple[Step, ...]

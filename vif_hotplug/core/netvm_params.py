@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import configparser
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from .errors import InvalidInput
 from .model import NetvmParams
 from .plan_vif import Mapped
-from .record import Record
 from .validation import parse_ipv4, parse_ipv6
 
 DEFAULT_HOOKS_DIR = "/rw/config/network-hooks.d"
@@ -53,7 +53,8 @@ _NETVM_KEYS = {*KEYS, "ipv6", "connected_ips", "connected_ips6"}
 Reader = Callable[[str], str | None]
 
 
-class Connected(Record):
+@dataclass(frozen=True, slots=True)
+class Connected:
     """Addresses of every VM that uses this netvm, running or not."""
 
     ipv4: tuple[IPv4Address, ...] = ()
@@ -61,7 +62,8 @@ class Connected(Record):
     source: str = "none"
 
 
-class NetvmConf(Record):
+@dataclass(frozen=True, slots=True)
+class NetvmConf:
     """What netvm.conf says; ``None`` where it says nothing."""
 
     origin: str

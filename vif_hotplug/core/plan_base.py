@@ -25,6 +25,8 @@ the anti-spoofing chains are a set lookup each.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .firewall import (
     PRIORITY,
     SET_NAMES,
@@ -51,7 +53,6 @@ from .firewall import (
     rule,
 )
 from .model import VIF_GROUP, Step, Sysctl
-from .record import Record
 
 TABLE = "qubes"
 CUSTOM_INPUT = "custom-input"
@@ -223,7 +224,8 @@ def base_ruleset(ipv6: bool, ipv6_in_kernel: bool = True) -> Ruleset:
     return merge("base", *parts)
 
 
-class BasePlan(Record):
+@dataclass(frozen=True, slots=True)
+class BasePlan:
     steps: tuple[Step, ...]
     notes: tuple[str, ...] = ()
 

@@ -18,6 +18,8 @@ IPv6 is off in the namespace, so such a VM gets none.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .firewall import (
     PRIORITY,
     Addr,
@@ -43,12 +45,12 @@ from .model import (
     Sysctl,
     Veth,
 )
-from .record import Record
 
 NAT_TABLE = "qubes-nat"
 
 
-class NatNamespace(Record):
+@dataclass(frozen=True, slots=True)
+class NatNamespace:
     """What the namespace of one mapped vif translates."""
 
     dev: str

@@ -8,6 +8,7 @@ the order addresses came in: networks are sorted first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from .errors import InvalidInput
@@ -35,7 +36,6 @@ from .model import (
 )
 from .plan_base import antispoof_ruleset, families_of
 from .plan_nat import NatNamespace, nat_peer, plan_nat_offline, plan_nat_online
-from .record import Record
 from .validation import IFNAMSIZ
 
 #: Interface hardening (Qubes' ``harden-network-interfaces`` service).
@@ -64,7 +64,8 @@ ALWAYS6 = (("ipv6/drop_unsolicited_na", "1"),)
 ALWAYS4 = (("ipv4/drop_gratuitous_arp", "1"),)
 
 
-class Mapped(Record):
+@dataclass(frozen=True, slots=True)
+class Mapped:
     """A VM that sees ``visible`` (and ``visible_gateway``) instead of its real address ``real``."""
 
     real: IPv4Address
@@ -72,7 +73,8 @@ class Mapped(Record):
     visible_gateway: IPv4Address | None = None
 
 
-class OnlineInputs(Record):
+@dataclass(frozen=True, slots=True)
+class OnlineInputs:
     """Everything ``online`` of one vif depends on, already validated.
 
     ``dev`` is the final interface name (``vifname`` if set); ``rename_from``
@@ -96,7 +98,8 @@ class OnlineInputs(Record):
     harden: bool = False
 
 
-class OfflineInputs(Record):
+@dataclass(frozen=True, slots=True)
+class OfflineInputs:
     """Everything ``offline`` of one vif depends on.
 
     ``networks`` are the VM's addresses: from XenStore, or from this vif's

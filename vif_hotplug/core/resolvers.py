@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from .errors import InvalidInput
-from .record import Record
 
 #: The default source; a label for what :func:`parse_resolv_conf` parsed.
 ETC_RESOLV_CONF = "/etc/resolv.conf"
@@ -33,7 +33,8 @@ ETC_RESOLV_CONF = "/etc/resolv.conf"
 _AF_INET = 2  # linux/socket.h; resolved reports address families numerically
 
 
-class Upstreams(Record):
+@dataclass(frozen=True, slots=True)
+class Upstreams:
     """What one source lists: real upstreams, and which of our virtual resolvers.
 
     ``servers`` are the real upstream nameservers in order of preference;

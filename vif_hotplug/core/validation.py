@@ -8,11 +8,11 @@ from outside reaches netlink or iptables without passing through here.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 from .errors import InvalidInput
 from .model import MAX_DOMID, IPAddress, IPNetwork
-from .record import Record
 
 _NUM = r"(0|[1-9][0-9]{0,4})"
 _VIF_RE = re.compile(rf"vif{_NUM}\.{_NUM}")
@@ -27,7 +27,8 @@ IFNAMSIZ = 16
 MIN_PREFIX = {4: 16, 6: 48}
 
 
-class VifId(Record, order=True):
+@dataclass(frozen=True, slots=True, order=True)
+class VifId:
     domid: int
     devid: int
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 from ipaddress import ip_network
 
 from ..app.applier import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
@@ -32,7 +33,6 @@ from ..core.model import (
     Veth,
 )
 from ..core.plan_nat import nat_netns
-from ..core.record import replace
 from .conntrack import purge_conntrack
 from .firewall_backend import FirewallBackend
 from .netlink import Links

@@ -16,9 +16,9 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
 
-from ..core.record import Record
 from .nlsock import NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, NetlinkSocket
 from .nlsock import attr as _attr
 from .nlsock import attrs as _attrs
@@ -61,7 +61,8 @@ def _packed(addr: str) -> bytes:
     return ip_address(addr).packed
 
 
-class Link(Record):
+@dataclass(frozen=True, slots=True)
+class Link:
     index: int
     name: str
     up: bool
@@ -73,7 +74,8 @@ class Link(Record):
     peer_elsewhere: bool
 
 
-class RouteInfo(Record):
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
     dst_len: int
     oif: int | None
     type: int

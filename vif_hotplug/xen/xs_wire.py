@@ -14,9 +14,8 @@ import errno
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Final
-
-from ..core.record import Record
 
 XENSTORE_PAYLOAD_MAX: Final = 4096
 XENSTORE_ABS_PATH_MAX: Final = 3072
@@ -128,7 +127,8 @@ def _check_uint32(name: str, value: int) -> None:
         raise WireError(f"{name}={value} does not fit in uint32")
 
 
-class Header(Record):
+@dataclass(frozen=True, slots=True)
+class Header:
     """``struct xsd_sockmsg``; ``type`` is a plain int so unknown types still decode."""
 
     type: int
@@ -151,7 +151,8 @@ class Header(Record):
         return cls(*HEADER.unpack(data))
 
 
-class Message(Record):
+@dataclass(frozen=True, slots=True)
+class Message:
     """One complete message. ``op`` is ``None`` for types this module does not know."""
 
     type: int
@@ -310,7 +311,8 @@ class PermKind(enum.Enum):
 _PERM = re.compile(r"([nrwb])([0-9]+)")
 
 
-class Permission(Record):
+@dataclass(frozen=True, slots=True)
+class Permission:
     """One entry of a node's permission list, e.g. ``n0`` or ``r5``.
 
     The first entry of a list names the owner, whose ``kind`` is what every
