@@ -7,7 +7,6 @@ when it runs. Exit 0 rules changed, 100 nothing changed, 1 error.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -53,7 +52,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             raise _UsageError(f"{message} (see --help)")
 
     parser = Parser(
-        prog=prog,
+        prog=prog, allow_abbrev=False,
         description="Map the virtual DNS resolvers (DNS1/DNS2) onto the uplink's nameservers with DNAT "
         "(nftables chains dnat-dns and dns-guard of table ip qubes, or iptables PR-QBS and QBS-DNS).",
         epilog="Exit status: 0 rules changed, 100 nothing changed, 1 error.",
@@ -65,12 +64,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def run(
     argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Callable[[str], None],
     prog: str = PROG,
-) -> int:
-    """The whole command; returns the exit code (never calls ``sys.exit``)."""
+) -> tuple[int, None]:
+    """The whole command: (exit code, nothing to run after). Never calls ``sys.exit``."""
     import logging
 
-    from .app.dns import EXIT_ERROR, apply_dns, virtual_resolvers, watch
-    from .app.settings import settings_from_env
+    from .app.backend_state import note_in_use, resolve
+    from .app.dns import EXIT_CHANGED, EXIT_ERROR, apply_dns, virtual_resolvers, watch
+    from .app.switch import settle_backend
     from .core.errors import HotplugError
 
     log = logging.getLogger("vif_hotplug.dns")
@@ -78,49 +78,38 @@ def run(
         args = build_parser(prog).parse_args(list(argv))
     except _UsageError as exc:
         log.error("%s", exc)
-        return EXIT_ERROR
+        return EXIT_ERROR, None
     except SystemExit as exc:  # --help prints, then "exits"
-        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        return (exc.code if isinstance(exc.code, int) else EXIT_ERROR), None
     if args.verbose:
         logs.verbose(logging.INFO if args.verbose == 1 else logging.DEBUG)
     try:
-        settings = settings_from_env(env).with_backend(args.backend)
+        settings = runtime.settings(env, args.backend)
         xs = runtime.xenstore(settings)
         try:
             virtual = virtual_resolvers(settings, runtime.qubesdb(settings), xs.read)
         finally:
             xs.close()
-        host = runtime.host(settings)
+        backend = resolve(settings).in_use if args.dry_run else settle_backend(settings, runtime)
+        host = runtime.host(settings, backend)
         show = out if args.verbose or args.dry_run else None
         if args.watch:
-            return watch(settings, host, host.firewall.describe, virtual, args.resolv_conf, show=show)
-        return apply_dns(settings, host, host.firewall.describe, virtual, args.resolv_conf, show=show,
+            return watch(settings, host, host.firewall.describe, virtual, args.resolv_conf, show=show), None
+        code = apply_dns(settings, host, host.firewall.describe, virtual, args.resolv_conf, show=show,
                          dry_run=args.dry_run)
+        if code == EXIT_CHANGED and not args.dry_run:
+            note_in_use(settings, backend)
+        return code, None
     except HotplugError as exc:
         log.error("%s", exc)
-        return EXIT_ERROR
-
-
-def run_here(argv: Sequence[str], env: Mapping[str, str], prog: str = PROG) -> int:
-    from .app.log_setup import ProcessLogs
-    from .app.runtime import Runtime
-
-    runtime = Runtime()
-    try:
-        return run(argv, env, runtime, ProcessLogs(prog), print, prog)
-    finally:
-        runtime.close()
+        return EXIT_ERROR, None
 
 
 def main() -> None:
-    """Console script ``qubes-setup-dnat-to-ns``."""
-    import os
+    """Console script ``qubes-setup-dnat-to-ns`` (also :func:`vif_hotplug.entry.qubes_setup_dnat_to_ns`)."""
+    from .entry import qubes_setup_dnat_to_ns
 
-    from .agent.client import via_agent
-
-    argv = sys.argv[1:]
-    code = None if "--watch" in argv else via_agent(PROG, argv, os.environ)
-    sys.exit(code if code is not None else run_here(argv, os.environ))
+    qubes_setup_dnat_to_ns()
 
 
 if __name__ == "__main__":

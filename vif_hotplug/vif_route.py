@@ -1,14 +1,13 @@
 """``vif-route-qubes``: routed hotplug of one VM interface (entry point).
 
 The resident agent does the work when it runs (:mod:`vif_hotplug.agent`);
-otherwise this process does it. Either way :func:`run` parses argv and the
-environment, wires XenStore and the kernel, and calls
-:func:`vif_hotplug.app.hotplug.handle_event`, which owns the event.
+otherwise this process does it (:mod:`vif_hotplug.entry`). Either way
+:func:`run` parses argv and the environment, wires XenStore and the kernel,
+and calls :func:`vif_hotplug.app.hotplug.handle_event`, which owns the event.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,7 +72,7 @@ def _parser(prog: str) -> object:
 
     p = argparse.ArgumentParser(
         prog=prog, usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="print the plan and log every step to stderr")
     p.add_argument("-n", "--dry-run", action="store_true", help="print the plan and change nothing")
@@ -84,21 +83,23 @@ def _parser(prog: str) -> object:
 
 def run(
     argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl,
-    out: Callable[[str], None], prog: str = PROG, in_agent: bool = False,
+    out: Callable[[str], None], prog: str = PROG,
 ) -> tuple[int, Callable[[], None] | None]:
     """The whole command: (exit status, the hooks to run once the caller has answered, if any).
 
-    Never calls ``sys.exit``; argparse's exits become return codes.
+    Never calls ``sys.exit``; argparse's exits become return codes. A dry run
+    changes nothing: the backend holding the state is planned against, and no
+    marker or lock file is written.
     """
     import logging
 
+    from .app.backend_state import note_in_use, resolve
     from .app.faults import fault_hook
     from .app.hotplug import handle_event
     from .app.runtime import plan_text
-    from .app.settings import settings_from_env
+    from .app.switch import settle_backend
     from .core.errors import HotplugError, InvalidInput
-    from .kernel.locks import file_lock
-    from .xenstore_env import parse_invocation
+    from .xenstore_env import parse_invocation, report_error
 
     log = logging.getLogger("vif_hotplug.vif_route")
     try:
@@ -108,7 +109,7 @@ def run(
     if ns.verbose:
         logs.verbose(logging.DEBUG)
     try:
-        settings = settings_from_env(env)
+        settings = runtime.settings(env)
         event = parse_invocation([ns.command, *ns.args], env)
     except InvalidInput as exc:
         log.error("%s: %s", _shown(env.get("vif") or "-"), exc)
@@ -116,19 +117,30 @@ def run(
             _report_invalid(env, runtime, str(exc))
         return 1, None
     logs.tag(event.dev)
-    host = runtime.host(settings) if event.command in ("online", "offline") and event.type_if == "vif" else None
-    if host is None:
+    if event.command not in ("online", "offline") or event.type_if != "vif":
         log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
         return 0, None
     xs = runtime.xenstore(settings)
     try:
+        try:
+            backend = resolve(settings).in_use if ns.dry_run else settle_backend(settings, runtime)
+        except HotplugError as exc:
+            log.error("%s: %s failed: %s", event.dev, event.command, exc)
+            if not ns.dry_run:
+                try:
+                    report_error(xs, event.xenbus_path, str(exc))
+                except HotplugError:
+                    pass
+            return 1, None
+        host = runtime.host(settings, backend)
         outcome = handle_event(
-            event, settings, host, xs, runtime.qubesdb(settings),
-            lambda: file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock"),
-            dry_run=ns.dry_run, on_step=fault_hook(settings.fault, event.command, in_agent),
+            event, settings, host, xs, runtime.qubesdb(settings), runtime.hotplug_lock(settings),
+            dry_run=ns.dry_run, on_step=fault_hook(settings, event.command, runtime),
         )
     finally:
         xs.close()
+    if outcome.changed and not ns.dry_run:
+        note_in_use(settings, backend)
     if outcome.plan is not None and (ns.verbose or ns.dry_run):
         out("\n".join(plan_text(outcome.plan, host)))
     hooks = outcome.hooks
@@ -138,10 +150,7 @@ def run(
     def run_hooks() -> None:
         from .app.hooks import run_hooks as run_them
 
-        try:
-            run_them(hooks)
-        except HotplugError as exc:  # never raised by run_them; hooks must not fail an event
-            log.warning("%s: hooks: %s", hooks.dev, exc)
+        run_them(hooks)
 
     return outcome.exit_code, run_hooks
 
@@ -173,33 +182,11 @@ def _report_invalid(env: Mapping[str, str], runtime: Runtime, message: str) -> N
         logging.getLogger("vif_hotplug.vif_route").debug("cannot report to XenStore: %s", exc)
 
 
-def run_here(argv: Sequence[str], env: Mapping[str, str], prog: str = PROG) -> int:
-    """The command in this process: logs to stderr and the system log, hooks after the status."""
-    from .app.log_setup import ProcessLogs
-    from .app.runtime import Runtime
-
-    logs = ProcessLogs(prog)
-    runtime = Runtime()
-    try:
-        code, after = run(argv, env, runtime, logs, print, prog)
-    finally:
-        runtime.close()
-    if after is not None:
-        # After the status: the toolstack waits on it with a deadline, and a
-        # slow hook must not make the VM's start fail.
-        after()
-    return code
-
-
 def main() -> None:
-    import os
+    """Console script ``vif-route-qubes`` (also :func:`vif_hotplug.entry.vif_route_qubes`)."""
+    from .entry import vif_route_qubes
 
-    from .agent.client import via_agent
-
-    code = via_agent(PROG, sys.argv[1:], os.environ)
-    if code is None:
-        code = run_here(sys.argv[1:], os.environ)
-    sys.exit(code)
+    vif_route_qubes()
 
 
 if __name__ == "__main__":

@@ -13,57 +13,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 from .core.errors import InvalidInput
 from .core.model import VmNetwork
 from .core.validation import VifId, parse_ifname, parse_mac, parse_vif_name, parse_vm_addresses, parse_xenbus_path
-
-
-class XenStorePort(Protocol):
-    """What hotplug needs of XenStore (``None`` for a missing key)."""
-
-    def read(self, path: str) -> str | None: ...
-
-    def write(self, path: str, value: str) -> None: ...
-
+from .xen.xenstore_port import XenStorePort, read_all
 
 #: The keys of a vif's backend directory hotplug reads.
 BACKEND_KEYS = ("ip", "mac", "type", "vifname")
-
-
-def read_all(xs: XenStorePort, paths: list[str]) -> list[str | None]:
-    """Every path's value: in one round trip when the client can pipeline (``read_many``)."""
-    many = getattr(xs, "read_many", None)
-    if many is not None:
-        return list(many(paths))
-    return [xs.read(p) for p in paths]
-
-
-class Prefetched:
-    """``xs`` with ``paths`` read ahead in one round trip: an event's reads cost one wait, not one each.
-
-    Reads of other paths, and writes, go to ``xs``. For one event: the
-    values are as they were when it started.
-    """
-
-    def __init__(self, xs: XenStorePort, paths: list[str]) -> None:
-        self._xs = xs
-        self._values = dict(zip(paths, read_all(xs, paths), strict=True))
-
-    def read(self, path: str) -> str | None:
-        if path in self._values:
-            return self._values[path]
-        return self._xs.read(path)
-
-    def write(self, path: str, value: str) -> None:
-        self._xs.write(path, value)
-
-
-class XenStoreTree(XenStorePort, Protocol):
-    """XenStore as ``reconcile`` and ``status`` see it: every vif's backend directory."""
-
-    def directory(self, path: str) -> list[str]: ...
 
 
 Command = Literal["online", "offline", "add", "remove"]

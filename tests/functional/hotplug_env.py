@@ -25,7 +25,7 @@ import pyxs
 from vif_hotplug.core.model import NETBACK_MAC as NETBACK_MAC  # re-exported for the tests
 from vif_hotplug.lab.probe import listen_udp_argv, send_udp_argv
 from vif_hotplug.lab.topology import backend_link_commands, guest_commands
-from vif_hotplug.xen.xenstored import XenStoreServer
+from vif_hotplug.lab.xenstored import XenStoreServer
 
 from .conftest import Netns, NetnsFactory, entry_point, require_tool
 from .kernel_state import FirewallState, read_firewall
@@ -37,6 +37,43 @@ UPLINK6_NET = "fd00:2"
 VM6_NET = "fd09:24ef:4179"
 #: The VM's end of its vif (any name but eth0 would do: nothing may depend on it).
 VM_DEV = "vmnic0"
+
+
+FAULT_FILE = "/run/vif-hotplug-faults.json"
+
+
+@contextlib.contextmanager
+def fault(netvm: Netvm, command: str, when: str, index: int, where: str = "local") -> Iterator[None]:
+    """Arm the test-only fault of ``vif_hotplug.app.faults`` for this netvm while the block runs.
+
+    The file is shared by every netvm on this machine (test runs side by
+    side): lines are scoped by state directory, added and removed under a lock.
+    """
+    import fcntl
+    import json
+
+    line = json.dumps({"state_dir": netvm.env["VIF_HOTPLUG_STATE_DIR"], "command": command, "when": when,
+                       "index": index, "where": where})
+
+    def edit(change: Callable[[list[str]], list[str]]) -> None:
+        with open(FAULT_FILE + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                lines = Path(FAULT_FILE).read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            lines = change(lines)
+            tmp = f"{FAULT_FILE}.{os.getpid()}.tmp"
+            Path(tmp).write_text("".join(f"{x}\n" for x in lines))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, FAULT_FILE)
+
+    edit(lambda lines: [x for x in lines if json.loads(x)["state_dir"] != netvm.env["VIF_HOTPLUG_STATE_DIR"]]
+         + [line])
+    try:
+        yield
+    finally:
+        edit(lambda lines: [x for x in lines if x != line])
 
 
 @dataclass

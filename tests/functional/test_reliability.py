@@ -5,7 +5,7 @@
   writer editing its own firewall objects; the end state must be exactly
   the one a sequential run reaches in a second netvm, the foreign objects
   untouched, nothing hung, every exit 0.
-* Faults: an event killed (SIGKILL, ``VIF_HOTPLUG_FAULT``) before or after
+* Faults: an event killed (SIGKILL, the test-only fault file) before or after
   every step of its plan, then the event again, the opposite event, or
   ``reconcile``, must leave exactly what a clean run leaves.
 * Drift: what an administrator or a crash can break (a flushed chain or
@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from .conftest import BACKENDS, Netns, NetnsFactory, entry_point, require_root
-from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, received, running_netvm, udp_listen, wait_for_line
+from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, fault, received, running_netvm, udp_listen, wait_for_line
 
 pytestmark = pytest.mark.netns
 
@@ -57,20 +57,19 @@ DEADLINE = 240.0  # seconds a whole concurrent phase may take before it counts a
 
 _DRIVER = r"""
 import json, os, sys, time, traceback
-from vif_hotplug import cli, setup_dnat_to_ns, vif_route
+from vif_hotplug import cli, setup_dnat_to_ns, vif_route  # noqa: F401 (warm, no handle opened)
+from vif_hotplug.entry import dispatch
 from vif_hotplug.app.log_setup import ProcessLogs
 from vif_hotplug.app.runtime import Runtime
 import vif_hotplug.app.hotplug, vif_hotplug.app.reconcile, vif_hotplug.app.init  # noqa: F401 (warm, no handle opened)
 
+PROGS = {"route": "vif-route-qubes", "cli": "vif-hotplug", "dns": "qubes-setup-dnat-to-ns"}
+
 def call(prog, argv, env, runtime, logs):
-    if prog == "route":
-        code, after = vif_route.run(argv, env, runtime, logs, lambda s: None, "vif-route-qubes")
-        if after is not None:
-            after()
-        return code
-    if prog == "cli":
-        return cli.run(argv, env, runtime, logs, lambda s: None)
-    return setup_dnat_to_ns.run(argv, env, runtime, logs, lambda s: None, "qubes-setup-dnat-to-ns")
+    code, after = dispatch(PROGS[prog], argv, env, runtime, logs, lambda s: None)
+    if after is not None:
+        after()
+    return code
 
 reply = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)  # whatever the commands print goes to stderr, never into the replies
@@ -402,7 +401,8 @@ def fault_bed(request: pytest.FixtureRequest) -> Iterator[FaultBed]:
 
 
 def _killed(driver: Driver, command: str, when: str, index: int) -> int:
-    return driver.hotplug(command, FAULT_DOMID, env={"VIF_HOTPLUG_FAULT": f"{command}:{when}:{index}"}, fork=True)[0]
+    with fault(driver.netvm, command, when, index):
+        return driver.hotplug(command, FAULT_DOMID, fork=True)[0]
 
 
 def _recover(bed: FaultBed, recovery: str, target: str) -> tuple[int, str]:

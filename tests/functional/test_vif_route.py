@@ -436,8 +436,10 @@ def test_help_explains_both_invocation_forms() -> None:
 def test_etc_wrapper_execs_the_thin_client_by_absolute_interpreter_path() -> None:
     text = Path(__file__).parents[2].joinpath("etc/xen/scripts/vif-route-qubes").read_text()
     exec_line = next(line for line in text.splitlines() if line.startswith("exec "))
-    assert exec_line.startswith('exec "$prefix/bin/python3" -I -S -c ')
-    assert "import vif_hotplug_client" in exec_line and exec_line.endswith('"$prefix/libexec" vif-route-qubes "$@"')
+    assert exec_line.startswith("exec /usr/bin/python3 -I -S -c ")
+    assert "from vif_hotplug.agent import client" in exec_line
+    assert exec_line.endswith(" /usr/lib/python3/dist-packages vif-route-qubes \"$@\"")
+    assert "$VIF_HOTPLUG" not in text  # nothing of the caller's environment picks what runs
     assert os.access(Path(__file__).parents[2] / "etc/xen/scripts/vif-route-qubes", os.X_OK)
 
 

@@ -25,7 +25,7 @@ import pytest
 import pyxs
 
 import vif_hotplug
-from vif_hotplug.xen.xenstored import XenStoreServer
+from vif_hotplug.lab.xenstored import XenStoreServer
 from vif_hotplug.xen.xs_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
@@ -154,7 +154,7 @@ def test_cli_exists_fails_for_a_missing_node(sock: str) -> None:
 
 def test_cli_list_pages_a_huge_directory_with_directory_part(sock: str, caplog: pytest.LogCaptureFixture) -> None:
     fill_directory(sock, b"/big", 3000)  # ~36 KiB of names: nine times the payload limit
-    with caplog.at_level(logging.DEBUG, logger="vif_hotplug.xen.xenstored"):
+    with caplog.at_level(logging.DEBUG, logger="vif_hotplug.lab.xenstored"):
         listed = cli(sock, "xenstore-list", "/big").stdout.split()
     assert listed == [f"entry-{n:05d}" for n in range(3000)]
     assert any("DIRECTORY_PART" in record.getMessage() for record in caplog.records)
@@ -510,7 +510,7 @@ def _wait_for_listener(path: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _serve_in_subprocess(path: str) -> subprocess.Popen[bytes]:
-    code = "import sys; from vif_hotplug.xen.xenstored import serve; serve(sys.argv[1])"
+    code = "import sys; from vif_hotplug.lab.xenstored import serve; serve(sys.argv[1])"
     package_root = str(Path(vif_hotplug.__file__).parent.parent)
     return subprocess.Popen([sys.executable, "-c", code, path], env=dict(os.environ, PYTHONPATH=package_root))
 

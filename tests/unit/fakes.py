@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from ipaddress import ip_network
 from typing import Any
 
-from vif_hotplug.app.applier import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
 from vif_hotplug.core.errors import DeviceGone, KernelError, XenStoreUnavailable
 from vif_hotplug.core.firewall import Chain, Family, Hook, Rule, Ruleset, SetElement, SetName
+from vif_hotplug.core.handlers import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
 from vif_hotplug.core.model import (
     RESTORED_SYSCTLS,
     VIF_GROUP,

@@ -9,9 +9,7 @@ import pytest
 
 from tests.unit.fakes import FakeKernel
 from vif_hotplug.app.applier import (
-    ActionOps,
     Drift,
-    ObjectOps,
     apply_all_or_nothing,
     apply_best_effort,
     check,
@@ -19,6 +17,7 @@ from vif_hotplug.app.applier import (
 )
 from vif_hotplug.core.errors import DeviceGone, KernelError
 from vif_hotplug.core.firewall import SetElement
+from vif_hotplug.core.handlers import ActionOps, ObjectOps
 from vif_hotplug.core.model import (
     ConntrackPurge,
     DeviceAddress,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def scene() -> tuple[FakeXenStore, FakeKernel]:
 
 
 def run(settings: Settings, xs: FakeXenStore, k: FakeKernel, **kw: bool) -> ReconcileResult:
-    return reconcile(settings, k, xs, None, **kw)
+    return reconcile(settings, k, xs, None, lock=contextlib.nullcontext, **kw)
 
 
 def test_online_vifs_are_those_xenstore_marks_online() -> None:

@@ -19,8 +19,9 @@ from vif_hotplug.core.netvm_params import DEFAULT_HOOKS_DIR
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    """An environment whose netvm.conf does not exist and whose PATH has no qubesdb-read."""
-    return {"VIF_HOTPLUG_CONF": str(tmp_path / "netvm.conf"), "PATH": str(tmp_path / "bin")}
+    """An environment whose netvm.conf does not exist and whose tools directory has no qubesdb-read."""
+    (tmp_path / "bin").mkdir()
+    return {"VIF_HOTPLUG_CONF": str(tmp_path / "netvm.conf"), "VIF_HOTPLUG_TOOLS_DIR": str(tmp_path / "bin")}
 
 
 def write_conf(env: dict[str, str], text: str) -> None:
@@ -31,7 +32,7 @@ def test_defaults_without_conf_or_overrides(env: dict[str, str]) -> None:
     s = settings_from_env(env)
     assert (s.conf, s.conf_error, s.hooks_dir, s.backend_choice) == (None, None, DEFAULT_HOOKS_DIR, "auto")
     assert (s.hotplug_lock, s.xtables_lock, s.state_dir) == (DEFAULT_LOCK, DEFAULT_XTABLES_LOCK, "/run/vif-hotplug")
-    assert (s.xenstore_path, s.qubesdb_read, s.fault) == (None, None, None)
+    assert (s.xenstore_path, s.qubesdb_read) == (None, None)
 
 
 def test_an_empty_environment_uses_the_default_path() -> None:
@@ -46,10 +47,9 @@ def test_environment_overrides(env: dict[str, str], tmp_path: Path) -> None:
         "VIF_HOTPLUG_STATE_DIR": "/tmp/x/state",
         "XTABLES_LOCKFILE": "/tmp/x/xtables.lock",
         "XENSTORED_PATH": "/tmp/x/xs.sock",
-        "VIF_HOTPLUG_FAULT": "online:before:3",
     })
-    assert (s.hooks_dir, s.hotplug_lock, s.xtables_lock, s.xenstore_path, s.fault) == (
-        "/etc/hooks.d", "/tmp/x/hotplug.lock", "/tmp/x/xtables.lock", "/tmp/x/xs.sock", "online:before:3",
+    assert (s.hooks_dir, s.hotplug_lock, s.xtables_lock, s.xenstore_path) == (
+        "/etc/hooks.d", "/tmp/x/hotplug.lock", "/tmp/x/xtables.lock", "/tmp/x/xs.sock",
     )
     assert (s.state_dir, s.agent_socket, s.nftables_lock, s.dns_lock) == (
         "/tmp/x/state", "/tmp/x/state/agent.sock", "/tmp/x/state/nftables.lock", "/tmp/x/state/dns.lock",
@@ -85,13 +85,26 @@ def test_an_unreadable_conf_is_recorded_not_raised(env: dict[str, str]) -> None:
     assert s.conf is None and s.conf_error is not None and env["VIF_HOTPLUG_CONF"] in s.conf_error
 
 
-def test_qubesdb_read_is_found_on_path(env: dict[str, str]) -> None:
-    bindir = Path(env["PATH"])
-    bindir.mkdir()
-    exe = bindir / "qubesdb-read"
+def test_qubesdb_read_is_found_in_the_tools_directory(env: dict[str, str]) -> None:
+    exe = Path(env["VIF_HOTPLUG_TOOLS_DIR"]) / "qubesdb-read"
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
     assert settings_from_env(env).qubesdb_read == str(exe)
+
+
+def test_path_never_picks_the_tools(env: dict[str, str], tmp_path: Path) -> None:
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "qubesdb-read").write_text("#!/bin/sh\n")
+    (evil / "qubesdb-read").chmod(0o755)
+    s = settings_from_env({"VIF_HOTPLUG_CONF": env["VIF_HOTPLUG_CONF"], "PATH": str(evil)})
+    assert s.path == DEFAULT_PATH and s.qubesdb_read != str(evil / "qubesdb-read")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="a directory root owns is what is trusted")
+def test_a_tools_directory_others_may_write_is_ignored(env: dict[str, str]) -> None:
+    Path(env["VIF_HOTPLUG_TOOLS_DIR"]).chmod(0o777)
+    assert settings_from_env(env).path == DEFAULT_PATH
 
 
 @pytest.mark.parametrize(

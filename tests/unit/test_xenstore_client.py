@@ -20,9 +20,9 @@ from types import SimpleNamespace
 import pytest
 
 from vif_hotplug.core.errors import XenStoreUnavailable
+from vif_hotplug.lab.xenstored import XenStoreServer
 from vif_hotplug.xen import xenstore_client
 from vif_hotplug.xen.xenstore_client import XENBUS_DEVICE, XenStore, default_endpoint
-from vif_hotplug.xen.xenstored import XenStoreServer
 from vif_hotplug.xen.xs_wire import HEADER_SIZE, Header, Message, Op, encode
 
 #: The deadline given to clients of hostile stores (every such test waits it out at most once).

@@ -4,29 +4,40 @@ It keeps what costs a one-shot process most (the interpreter and its
 imports, libnftables or python-iptables, open netlink and XenStore
 connections, the rulesets it found complete) and answers the thin
 client (:mod:`vif_hotplug.agent.client`) over a Unix socket: the client
-sends argv and the toolstack's environment, the agent runs the very entry
-point function the command would run in-process (so exit codes,
-``hotplug-status``, ``hotplug-error``, hooks and log lines are the same),
-streams the log lines back and ends with the exit code.
+sends argv and the allowed part of the toolstack's environment, the agent
+runs the very function the command would run in-process
+(:func:`vif_hotplug.entry.dispatch`, so exit codes, ``hotplug-status``,
+``hotplug-error``, hooks and log lines are the same), streams the log lines
+back and ends with the exit code.
 
 * Access: the socket is mode 0600 in a 0700 directory, and every request's
   peer credentials are checked: uid 0 only.
+* Requests: read off the accepting thread, each within
+  :data:`REQUEST_TIMEOUT` in all, at most :data:`MAX_REQUEST` bytes, ending
+  with the protocol's end marker (a request cut short is refused, never run
+  with part of its environment); at most :data:`MAX_PENDING` taken at once
+  (the next client is told to do the work itself). Only the variables of
+  :data:`~vif_hotplug.agent.client.ENV_ALLOWED` are honoured.
 * Order: requests for the same vif (or the same command) run one after the
   other in arrival order; others run side by side, serialised only where
   the kernel work must be (the hotplug lock and the backends' locks).
 * A client that goes away mid-event does not cancel it; a request that
-  fails or is garbage gets an error answer and the agent keeps serving.
+  fails or is garbage gets an error answer and the agent keeps serving;
+  ``accept`` failing (out of descriptors) is logged and retried.
 * Hooks run after the client has its exit code, outside any lock, with
   their deadline; the next request of the same vif waits for them, as it
   would for Qubes' bash script, requests of other vifs do not.
-* On start, ``reconcile``: a driver domain whose agent starts late does
-  not leave its VMs without network.
+* At start, without delaying the first request: the state moved to the
+  configured firewall backend if that changed, then ``reconcile``, so a
+  driver domain whose agent starts late does not leave its VMs without
+  network. One vif that cannot be brought up is logged; the others are.
 * systemd socket activation (``LISTEN_FDS``) or a socket of its own.
 """
 
 from __future__ import annotations
 
 import contextvars
+import errno
 import logging
 import os
 import queue
@@ -35,24 +46,32 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..app.log_setup import current_tag, own_or_warning, system_handlers, tagged
+from .. import registry
+from ..app.log_setup import current_ident, current_tag, own_or_warning, system_handlers, tagged
 from ..app.runtime import Runtime
-from .client import MAGIC
+from ..app.settings import AGENT_LOCK_TIMEOUT
+from .client import END, ENV_ALLOWED, MAGIC, MAX_REQUEST
 
 log = logging.getLogger(__name__)
 
-#: The longest request the agent reads (argv and environment).
-MAX_REQUEST = 1 << 20
-#: How long a client may take to send its request.
+#: How long a client may take to send its whole request.
 REQUEST_TIMEOUT = 5.0
+#: Requests taken and not yet answered; beyond this, clients do the work themselves.
+MAX_PENDING = 256
+#: Threads reading requests (a slow client holds one for at most REQUEST_TIMEOUT).
+READERS = 8
 SD_LISTEN_FDS_START = 3
 #: On SIGTERM, how long requests already taken may still run.
 STOP_TIMEOUT = 30.0
+#: After ``accept`` failed for want of resources, wait this long before trying again.
+ACCEPT_BACKOFF = 0.1
 _SO_PEERCRED = struct.Struct("3i")
+_ALLOWED = frozenset(ENV_ALLOWED)
 
 
 Send = Callable[[str, str], None]
@@ -106,23 +125,26 @@ def configure_logging() -> None:
         root.removeHandler(h)
     root.setLevel(logging.DEBUG)
     root.addHandler(_SinkHandler())
-    for h in system_handlers("vif-hotplug agent"):
+    # The system log names each line's tool (vif-route-qubes, qubes-setup-dnat-to-ns,
+    # vif-hotplug), as a process of its own would: current_ident is set per request.
+    for h in system_handlers(registry.UMBRELLA):
         root.addHandler(h)
     stderr = logging.StreamHandler()
     stderr.setLevel(logging.INFO)
     stderr.addFilter(lambda r: _sink.get() is None and own_or_warning(r))
-    stderr.setFormatter(logging.Formatter("vif-hotplug agent: %(message)s"))
+    stderr.setFormatter(logging.Formatter(f"{registry.UMBRELLA} agent: %(message)s"))
     root.addHandler(stderr)
 
 
 def _order_key(prog: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
     """Requests with the same key run in arrival order: one vif's events, or one command."""
-    if prog == "vif-route-qubes" or argv[:1] == ["route"]:
-        for word in argv:
+    command, rest = registry.command_of(prog, list(argv))
+    if command is not None and command.name == "route":
+        for word in rest:
             if word.startswith("vif") and "." in word:
                 return word
         return env.get("XENBUS_PATH") or env.get("vif") or "route"
-    return f"{prog} {argv[0] if argv else ''}"
+    return command.name if command is not None else prog
 
 
 class _Lanes:
@@ -138,18 +160,24 @@ class _Lanes:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queues: dict[str, queue.Queue[Callable[[], None]]] = {}
+        self._pending = 0
         self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="lane")
 
-    def submit(self, key: str, job: Callable[[], None]) -> None:
+    def submit(self, key: str, job: Callable[[], None], limit: int | None = None) -> bool:
+        """Queue ``job`` behind ``key``'s; ``False`` (not queued) when ``limit`` jobs are pending."""
         with self._lock:
+            if limit is not None and self._pending >= limit:
+                return False
+            self._pending += 1
             q = self._queues.get(key)
             if q is not None:
                 q.put(job)
-                return
+                return True
             q = queue.Queue()
             q.put(job)
             self._queues[key] = q
         self._pool.submit(self._drain, key, q)
+        return True
 
     def _drain(self, key: str, q: queue.Queue[Callable[[], None]]) -> None:
         while True:
@@ -163,6 +191,9 @@ class _Lanes:
                 job()
             except Exception:
                 log.exception("request failed")
+            finally:
+                with self._lock:
+                    self._pending -= 1
 
     def busy(self) -> int:
         with self._lock:
@@ -171,18 +202,21 @@ class _Lanes:
 
 class Agent:
     def __init__(self, env: Mapping[str, str], runtime: Runtime | None = None) -> None:
-        self.env = dict(env)
-        self.runtime = runtime or Runtime()
+        self.env = {k: v for k, v in env.items() if k in _ALLOWED}
+        self.runtime = runtime or Runtime(lock_timeout=AGENT_LOCK_TIMEOUT, role="agent")
         self.lanes = _Lanes()
+        self._readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="reader")
 
     # --- one request ------------------------------------------------------------------------
 
     def handle(self, conn: socket.socket) -> None:
-        """Read, check and queue one request (in the accepting thread: it must not block long)."""
+        """Take one connection: its request is read and checked on a reader thread."""
+        self._readers.submit(self._take, conn)
+
+    def _take(self, conn: socket.socket) -> None:
         try:
             uid = _peer_uid(conn)
-            conn.settimeout(REQUEST_TIMEOUT)
-            raw = _read_request(conn)
+            raw = _read_request(conn, time.monotonic() + REQUEST_TIMEOUT)
         except OSError as exc:
             log.debug("client went away before its request: %s", exc)
             conn.close()
@@ -190,69 +224,58 @@ class Agent:
         send = _sender(conn)
         if uid != 0:
             log.warning("refused a request from uid %d: only root may use the agent", uid)
-            send("E", "vif-hotplug agent: refused: only root may use the agent")
+            send("E", f"{registry.UMBRELLA} agent: refused: only root may use the agent")
             send("X", "1")
             conn.close()
             return
         try:
             prog, argv, env = decode_request(raw)
         except ValueError as exc:
-            send("E", f"vif-hotplug agent: bad request: {exc}")
+            send("E", f"{registry.UMBRELLA} agent: bad request: {exc}")
             send("X", "2")
             conn.close()
             return
-        self.lanes.submit(_order_key(prog, argv, env), lambda: self._serve(conn, send, prog, argv, env))
+        if not self.lanes.submit(_order_key(prog, argv, env), lambda: self._serve(conn, send, prog, argv, env),
+                                 limit=MAX_PENDING):
+            log.warning("%d requests pending: a client does its work itself", MAX_PENDING)
+            conn.close()  # no exit code: the client falls back
 
     def _serve(self, conn: socket.socket, send: Send, prog: str, argv: list[str], env: dict[str, str]) -> None:
-        sink = _Sink(send, prog if prog != "vif-hotplug" else _ident(argv))
-        token = _sink.set(sink)
-        tag_token = current_tag.set(None)
+        from ..entry import dispatch
+
+        command, _ = registry.command_of(prog, argv)
+        sink = _Sink(send, f"{registry.UMBRELLA} {command.name}" if prog == registry.UMBRELLA and command
+                     else prog)
+        tokens = (_sink.set(sink), current_tag.set(None), current_ident.set(registry.ident(command)))
         after: Callable[[], None] | None = None
         try:
-            code, after = self._dispatch(prog, argv, env, _RequestLogs(sink), lambda text: _out(send, text))
+            if not registry.served(prog, argv):
+                log.error("%s %s: not served by the agent", prog[:64], " ".join(argv[:1])[:64])
+                code = 2
+            else:
+                code, after = dispatch(prog, argv, env, self.runtime, _RequestLogs(sink),
+                                       lambda text: _out(send, text))
         except Exception as exc:  # answer, whatever went wrong
             log.exception("%s failed", prog)
             send("E", f"{sink.ident}: internal error: {type(exc).__name__}: {exc}")
             code = 1
         finally:
-            _sink.reset(token)
-            current_tag.reset(tag_token)
+            _sink.reset(tokens[0])
+            current_tag.reset(tokens[1])
+            current_ident.reset(tokens[2])
         send("X", str(code))
         conn.close()
         if after is not None:
             # The client has its answer; the next event of this vif waits for
             # these hooks (as it would for the bash script), others do not.
-            after()
-
-    def _dispatch(self, prog: str, argv: list[str], env: dict[str, str], logs: _RequestLogs,
-                  out: Callable[[str], None]) -> tuple[int, Callable[[], None] | None]:
-        if prog == "vif-route-qubes":
-            from ..vif_route import run
-
-            return run(argv, env, self.runtime, logs, out, in_agent=True)
-        if prog == "qubes-setup-dnat-to-ns" and "--watch" not in argv:
-            from ..setup_dnat_to_ns import run as dns
-
-            return dns(argv, env, self.runtime, logs, out), None
-        if prog == "vif-hotplug":
-            from ..cli import run as cli
-            from .client import served
-
-            if argv[:1] == ["route"]:
-                from ..vif_route import run
-
-                return run(argv[1:], env, self.runtime, logs, out, prog="vif-hotplug route", in_agent=True)
-            if not served(prog, argv):
-                logging.getLogger(__name__).error("vif-hotplug %s: not served by the agent", " ".join(argv[:1]))
-                return 2, None
-            return cli(argv, env, self.runtime, logs, out), None
-        logging.getLogger(__name__).error("%s: not served by the agent", prog[:64])
-        return 2, None
+            token = current_ident.set(registry.ident(command))
+            try:
+                after()
+            finally:
+                current_ident.reset(token)
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the requests already taken."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self.lanes.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -260,44 +283,56 @@ class Agent:
     # --- the loop ------------------------------------------------------------------------------
 
     def start_up(self) -> None:
-        """Bring every vif XenStore lists as online, and whose device exists, to its desired state."""
-        from ..app.backend_state import read_marker
+        """Move the state to the configured backend if that changed, then bring every vif XenStore lists
+        as online, and whose device exists, to its desired state. Never raises."""
+        from ..app.backend_state import resolve
         from ..app.reconcile import reconcile
-        from ..app.settings import settings_from_env
-        from ..core.errors import HotplugError
+        from ..app.switch import settle_backend
+        from ..kernel.state_files import prune
 
+        token = current_ident.set(registry.UMBRELLA)
         try:
-            settings = settings_from_env(self.env)
-            host = self.runtime.host(settings)
+            settings = self.runtime.settings(self.env)
+            prune(settings.state_dir)
+            backend = settle_backend(settings, self.runtime)
+            host = self.runtime.host(settings, backend)
             xs = self.runtime.xenstore(settings)
             try:
-                marker = read_marker(settings)
                 result = reconcile(settings, host, xs, self.runtime.qubesdb(settings),
-                                   base=bool(marker and marker.init))
+                                   lock=self.runtime.hotplug_lock(settings), base=resolve(settings).init)
             finally:
                 xs.close()
-        except HotplugError as exc:
-            log.warning("start-up reconcile skipped: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the agent serves events whatever start-up met
+            log.warning("start-up reconcile skipped: %s: %s", type(exc).__name__, exc)
             return
+        finally:
+            current_ident.reset(token)
+        for error in result.errors:
+            log.warning("start-up reconcile: %s", error)
         log.info("start-up reconcile: %d change(s) for %d vif(s)", result.changes, len(result.online))
 
     def serve(self, listener: socket.socket, stop_fd: int, stopping: Callable[[], bool]) -> None:
         listener.setblocking(False)
         while not stopping():
             ready, _, _ = select.select([listener.fileno(), stop_fd], [], [])
-            if listener.fileno() in ready:
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                conn.setblocking(True)
-                self.handle(conn)
+            if listener.fileno() not in ready:
+                continue
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the pending connection stays
+                # queued; try again once something was released.
+                log.warning("cannot accept a connection: %s", os.strerror(exc.errno or errno.EIO))
+                time.sleep(ACCEPT_BACKOFF)
+                continue
+            conn.setblocking(True)
+            self.handle(conn)
 
-
-def _ident(argv: Sequence[str]) -> str:
-    from ..cli import COMMANDS
-
-    return f"vif-hotplug {argv[0]}" if argv and argv[0] in COMMANDS else "vif-hotplug"
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        self.runtime.close()
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -306,33 +341,47 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-def _read_request(conn: socket.socket) -> bytes:
-    """Everything the client sends, up to its shutdown (or :data:`MAX_REQUEST` bytes)."""
+def _read_request(conn: socket.socket, deadline: float) -> bytes:
+    """Everything the client sends up to its shutdown, by ``deadline`` and at most :data:`MAX_REQUEST` bytes."""
     data = b""
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT, "request not complete in time")
+        conn.settimeout(left)
         chunk = conn.recv(65536)
         if not chunk:
             return data
         data += chunk
         if len(data) > MAX_REQUEST:
-            raise OSError("request too long")
+            raise OSError(errno.EMSGSIZE, "request too long")
 
 
 def decode_request(raw: bytes) -> tuple[str, list[str], dict[str, str]]:
-    """(prog, argv, env) of a request (:mod:`.client` documents the format); ``ValueError`` if it is not one."""
+    """(prog, argv, env) of a request (:mod:`.client` documents the format); ``ValueError`` if it is not one.
+
+    Variables outside the allowed list are dropped.
+    """
     words = raw.decode("utf-8", "surrogateescape").split("\0")
-    if len(words) < 4 or words[0] != MAGIC or words[-1] != "":
+    if len(words) < 6 or words[0] != MAGIC or words[-1] != "":
         raise ValueError("not a request of this protocol")
+    words.pop()
+    if words[-1] != END:
+        raise ValueError("request cut short")
     prog, count = words[1], words[2]
-    if not count.isdigit() or 3 + int(count) > len(words) - 1:
+    if not count.isdigit() or 3 + int(count) >= len(words) - 1:
         raise ValueError("malformed argument count")
     argv = words[3:3 + int(count)]
+    rest = words[3 + int(count):-1]
+    if not rest or not rest[0].isdigit() or int(rest[0]) != len(rest) - 1:
+        raise ValueError("malformed environment")
     env: dict[str, str] = {}
-    for item in words[3 + int(count):-1]:
+    for item in rest[1:]:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ValueError("malformed environment")
-        env[key] = value
+        if key in _ALLOWED:
+            env[key] = value
     return prog, argv, env
 
 
@@ -351,9 +400,10 @@ def _sender(conn: socket.socket) -> Send:
             return
         try:
             with lock:
+                conn.settimeout(REQUEST_TIMEOUT)
                 conn.sendall((kind + line.replace("\n", " ") + "\n").encode("utf-8", "replace"))
         except OSError:
-            gone = True  # the client left: the work goes on without it
+            gone = True  # the client left (or stopped reading): the work goes on without it
 
     return send
 
@@ -394,7 +444,9 @@ def run_agent(env: Mapping[str, str], socket_path: str, start_up: bool = True) -
     log.info("serving on %s", socket_path)
     with StopOnSignal() as stop:
         if start_up:
-            agent.start_up()
+            # A lane of its own: events are served at once, each waiting only
+            # for the hotplug lock, which reconcile holds per pass.
+            agent.lanes.submit("start-up", agent.start_up)
         try:
             agent.serve(listener, stop.fd, lambda: stop.requested)
         finally:
@@ -406,5 +458,5 @@ def run_agent(env: Mapping[str, str], socket_path: str, start_up: bool = True) -
                 except OSError:
                     pass
     log.info("stopped")
-    agent.runtime.close()
+    agent.close()
     return 0

@@ -1,47 +1,74 @@
-"""Which firewall backend holds this package's state, and moving it to the other one.
+"""Which firewall backend holds this package's state in this network namespace, read without side effects.
 
-A small marker file per network namespace (firewall state is per namespace)
-in the state directory records the backend that was last used and whether
-``init`` installed the base firewall. An event compares it with the
-backend the settings choose (one ``open``, no firewall library loaded);
-only when they differ does it switch: the whole state is installed in the
-new backend first (``init`` and ``reconcile``), then what this package owns
-in the old one is removed, so no VM can spoof in between.
+A small marker file per network namespace in the state directory records
+the backend that holds the state and whether ``init`` installed the base
+firewall (:mod:`vif_hotplug.kernel.state_files` names it so that it can
+only ever describe the namespace it was made in). :func:`resolve` reads it
+beside the backend the settings choose and returns both as plain data; it
+never writes. Moving the state when they differ is a use case of its own
+(:mod:`vif_hotplug.app.switch`), run only by commands that change things.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ..kernel.firewall_backend import BackendName, choose_backend
+from ..kernel.state_files import atomic_write, state_file
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from ..kernel.firewall_backend import BackendName
-    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Marker:
-    backend: str
+    backend: BackendName
     init: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class BackendView:
+    """The configured backend beside the one holding the state, as one command found them."""
+
+    #: What the settings choose (``None``: netvm.conf is broken and says nothing).
+    configured: BackendName | None
+    #: What the marker says holds the state (``None``: no marker yet).
+    marker: Marker | None
+
+    @property
+    def in_use(self) -> BackendName:
+        """The backend to look at and work in until a switch has run: the one holding the state."""
+        if self.marker is not None:
+            return self.marker.backend
+        return self.configured or "nftables"
+
+    @property
+    def target(self) -> BackendName:
+        """The backend a changing command works in (after a switch, if one is pending)."""
+        return self.configured or self.in_use
+
+    @property
+    def pending(self) -> bool:
+        """The configuration asks for another backend than the one holding the state."""
+        return self.marker is not None and self.configured is not None and self.configured != self.marker.backend
+
+    @property
+    def init(self) -> bool:
+        return self.marker is not None and self.marker.init
+
+
 def marker_path(settings: Settings) -> str:
-    netns = os.stat("/proc/thread-self/ns/net").st_ino
-    return os.path.join(settings.state_dir, f"backend-{netns}.json")
+    return state_file(settings.state_dir, "backend")
 
 
 def read_marker(settings: Settings) -> Marker | None:
     try:
         with open(marker_path(settings), encoding="utf-8") as f:
             raw = json.load(f)
-        return Marker(str(raw["backend"]), bool(raw.get("init", False)))
+        backend: BackendName = "iptables" if raw["backend"] == "iptables" else "nftables"
+        return Marker(backend, bool(raw.get("init", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -49,56 +76,30 @@ def read_marker(settings: Settings) -> Marker | None:
 def write_marker(settings: Settings, marker: Marker) -> None:
     path = marker_path(settings)
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({"backend": marker.backend, "init": marker.init}, f)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, json.dumps({"backend": marker.backend, "init": marker.init}))
     except OSError as exc:
         log.warning("cannot record the firewall backend in %s: %s", path, exc.strerror)
 
 
-def other(name: str) -> BackendName:
-    return "iptables" if name == "nftables" else "nftables"
+def note_in_use(settings: Settings, backend: BackendName) -> None:
+    """A changing command changed state in ``backend``: record it when nothing recorded a backend yet."""
+    if read_marker(settings) is None:
+        write_marker(settings, Marker(backend))
 
 
-def resolve_backend(settings: Settings, runtime: Runtime) -> BackendName:
-    """The backend an event uses, moving this package's state there first if the configuration changed.
+def resolve(settings: Settings) -> BackendView:
+    """The backends as plain data. Reads the marker and the host's ``iptables``; changes nothing.
 
-    A broken netvm.conf says nothing about the backend: the event then uses
+    A broken netvm.conf says nothing about the backend: commands then use
     the one that holds the state, so an offline still finds its elements.
     """
-    from ..kernel.firewall_backend import choose_backend
-
     marker = read_marker(settings)
-    if marker is not None and settings.conf_error is not None:
-        return "iptables" if marker.backend == "iptables" else "nftables"
-    chosen = choose_backend(settings.backend_choice, settings.path)
-    if marker is None:
-        write_marker(settings, Marker(chosen))
-    elif marker.backend != chosen:
-        log.warning("firewall backend changed from %s to %s: moving this package's state", marker.backend, chosen)
-        switch(settings, runtime, chosen, marker)
-    return chosen
+    configured = None if settings.conf_error is not None else choose_backend(settings.backend_choice, settings.path)
+    view = BackendView(configured, marker)
+    log.debug("firewall backend: %s (configured: %s, holding the state: %s)", view.target,
+              settings.backend_choice, marker.backend if marker else "none recorded")
+    return view
 
 
-def switch(settings: Settings, runtime: Runtime, chosen: BackendName, marker: Marker) -> None:
-    """Install the state in ``chosen``, then remove it from the other backend."""
-    if marker.init:
-        from .init import initialize
-
-        initialize(settings, runtime, chosen)
-        return
-    from .reconcile import reconcile
-
-    xs = runtime.xenstore(settings)
-    try:
-        host = runtime.host(settings, chosen)
-        host.record_connected(None)  # compared in full: the sets may be new
-        reconcile(settings, host, xs, runtime.qubesdb(settings))
-    finally:
-        xs.close()
-    former = runtime.host(settings, other(chosen))
-    if former.firewall.owns_state():
-        former.firewall.remove_all()
-    former.record_connected(None)
-    write_marker(settings, Marker(chosen))
+def other(name: BackendName) -> BackendName:
+    return "iptables" if name == "nftables" else "nftables"

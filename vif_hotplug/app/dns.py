@@ -22,12 +22,13 @@ from ipaddress import IPv4Address
 
 from ..core.errors import HotplugError, InvalidInput, KernelError
 from ..core.firewall import Ruleset
+from ..core.handlers import Host
 from ..core.model import Step
 from ..core.netvm_params import Reader, resolve_params
 from ..core.plan_dns import pair_resolvers, plan_dns_ruleset
 from ..core.resolvers import Upstreams
 from ..kernel.locks import file_lock
-from .applier import Host, apply_all_or_nothing
+from .applier import apply_all_or_nothing
 from .settings import Settings
 from .stop import StopOnSignal
 from .upstreams import read_upstreams, watched_files

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..core.errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from ..core.firewall import Family, SetElement
+from ..core.handlers import StepHook
 from ..core.model import Hooks, IPNetwork, NetvmParams, Plan, Step
 from ..core.netvm_params import (
     CONNECTED_XENSTORE,
@@ -33,17 +34,16 @@ from ..core.plan_base import families_of
 from ..core.plan_connected import connected_steps
 from ..core.plan_vif import OfflineInputs, OnlineInputs, plan_offline, plan_online
 from ..core.validation import parse_vm_addresses
+from ..xen.xenstore_port import Prefetched, XenStorePort
 from ..xenstore_env import (
     BACKEND_KEYS,
     BackendConfig,
     HotplugEvent,
-    Prefetched,
-    XenStorePort,
     read_backend,
     report_connected,
     report_error,
 )
-from .applier import StepHook, apply_all_or_nothing, apply_best_effort, rollback
+from .applier import apply_all_or_nothing, apply_best_effort, rollback
 from .connected import source_text
 from .ports import HotplugHost, Lock
 from .settings import Settings

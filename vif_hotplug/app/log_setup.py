@@ -48,6 +48,9 @@ def tagged(tag: str | None, message: str) -> str:
 
 #: The vif (or other tag) of the event this thread works on, for the system log.
 current_tag: contextvars.ContextVar[str | None] = contextvars.ContextVar("vif_hotplug_tag", default=None)
+#: The tool whose command this thread runs (the resident agent serves them all): the
+#: identifier its system log lines carry, so ``journalctl -t vif-route-qubes`` finds them.
+current_ident: contextvars.ContextVar[str | None] = contextvars.ContextVar("vif_hotplug_ident", default=None)
 
 
 class _TagFormatter(logging.Formatter):
@@ -59,9 +62,24 @@ class _TagFormatter(logging.Formatter):
         self._tag = tag
         self._timestamp = timestamp
 
+    def prefix(self) -> str:
+        return self._prefix
+
     def format(self, record: logging.LogRecord) -> str:
-        prefix = f"{self.formatTime(record)} {self._prefix}" if self._timestamp else self._prefix
+        prefix = self.prefix()
+        prefix = f"{self.formatTime(record)} {prefix}" if self._timestamp else prefix
         return "\n".join(prefix + line for line in tagged(self._tag(), record.getMessage()).split("\n"))
+
+
+class _SystemFormatter(_TagFormatter):
+    """``IDENT[PID]: `` as syslog wants it, the identifier of the tool this thread serves."""
+
+    def __init__(self, ident: str, timestamp: bool = False) -> None:
+        super().__init__(ident, current_tag.get, timestamp)
+        self._ident = ident
+
+    def prefix(self) -> str:
+        return f"{current_ident.get() or self._ident}[{os.getpid()}]: "
 
 
 def system_handlers(ident: str) -> list[logging.Handler]:
@@ -70,14 +88,14 @@ def system_handlers(ident: str) -> list[logging.Handler]:
     if os.path.exists("/dev/log"):
         try:
             syslog = logging.handlers.SysLogHandler(address="/dev/log")
-            syslog.setFormatter(_TagFormatter(f"{ident}[{os.getpid()}]: ", current_tag.get))
+            syslog.setFormatter(_SystemFormatter(ident))
             out.append(syslog)
         except OSError:
             pass
     if os.path.isdir(os.path.dirname(XEN_LOG)):
         try:
             fileh = logging.FileHandler(XEN_LOG)
-            fileh.setFormatter(_TagFormatter(f"{ident}[{os.getpid()}]: ", current_tag.get, timestamp=True))
+            fileh.setFormatter(_SystemFormatter(ident, timestamp=True))
             out.append(fileh)
         except OSError:
             pass

@@ -11,8 +11,8 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from ..core.firewall import Family, SetElement, SetName
+from ..core.handlers import Host
 from ..core.model import LinkFacts
-from .applier import Host
 
 
 class KernelFacts(Protocol):

@@ -19,6 +19,8 @@ changes nothing. The whole firewall of ``init`` is ensured too when
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import re
@@ -28,18 +30,20 @@ from dataclasses import dataclass, field
 
 from ..core.errors import HotplugError, InvalidInput
 from ..core.firewall import Family, SetElement
+from ..core.handlers import StepHook
 from ..core.model import AddressRelease, Plan, Step
 from ..core.netvm_params import Reader
 from ..core.plan_base import families_of
 from ..core.plan_nat import plan_nat_offline
 from ..core.validation import VifId, parse_vm_addresses, parse_xenbus_path
-from ..kernel.locks import file_lock
 from ..kernel.netns import NETNS_DIR
-from ..xenstore_env import HotplugEvent, XenStoreTree
+from ..xen.xenstore_port import XenStoreTree
+from ..xenstore_env import HotplugEvent
 from .applier import apply_all_or_nothing, apply_best_effort, check_all
 from .hooks import run_hooks
 from .hotplug import handle_event
-from .ports import NetvmHost
+from .netvm_plan import dns_ruleset, netvm_params, plan_init
+from .ports import Lock, NetvmHost
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,43 +79,68 @@ def online_vifs(xs: XenStoreTree) -> list[VifId]:
 
 
 def reconcile(
-    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, *, dry_run: bool = False,
-    base: bool = False, resolv_conf: str | None = None,
+    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, *, lock: Lock,
+    dry_run: bool = False, base: bool = False, resolv_conf: str | None = None, on_step: StepHook | None = None,
 ) -> ReconcileResult:
     """Bring every vif to its desired state and remove what belongs to vifs that are gone.
 
+    All of it under ``lock`` (the hotplug lock; a no-op when the caller holds
+    it), XenStore read inside it: a vif an event brings online meanwhile is
+    never taken for a stray. A dry run takes no lock and changes nothing.
+
     ``base``: ``init`` ran on this netvm, so its firewall, DNS rules (their
     upstreams from ``resolv_conf``, default the system's) and forwarding are
-    part of the desired state too.
+    part of the desired state too. ``on_step`` sees every step of the run,
+    numbered in the order they are applied (the order ``--dry-run`` lists them).
     """
     result = ReconcileResult()
+    with contextlib.nullcontext() if dry_run else lock():
+        _reconcile(settings, host, xs, qubesdb, dry_run, base, resolv_conf, result, _numbered(on_step))
+    return result
+
+
+def _numbered(hook: StepHook | None) -> StepHook | None:
+    """``hook`` with the steps of all the run's plans numbered one after the other."""
+    if hook is None:
+        return None
+    count = itertools.count()
+    current = [-1]
+
+    def numbered(at: str, index: int, step: Step) -> None:
+        if at == "before":
+            current[0] = next(count)
+        hook(at, current[0], step)
+
+    return numbered
+
+
+def _reconcile(
+    settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, dry_run: bool, base: bool,
+    resolv_conf: str | None, result: ReconcileResult, on_step: StepHook | None,
+) -> None:
     if not dry_run:
         host.record_connected(None)  # its first event compares the connected sets in full
     if base:
-        _reconcile_base(settings, host, xs, qubesdb, dry_run, result, resolv_conf)
-
-    def lock() -> AbstractContextManager[None]:
-        return file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock")
-
-    wanted, elements = _bring_online(settings, host, xs, qubesdb, lock, dry_run, result)
-    with lock():
-        steps = _gone_steps(host, wanted, elements)
+        _reconcile_base(settings, host, xs, qubesdb, dry_run, result, resolv_conf, on_step)
+    held = contextlib.nullcontext
+    wanted, elements = _bring_online(settings, host, xs, qubesdb, held, dry_run, result, on_step)
+    steps = _gone_steps(host, wanted, elements)
     if steps:
         plan = Plan("reconcile", "reconcile", tuple(steps))
         result.plans.append(plan)
         result.removed += [s.lines()[0] for s in steps]
         if not dry_run:
             try:
-                result.changes += len(apply_best_effort(steps, host, "reconcile"))
+                result.changes += len(apply_best_effort(steps, host, "reconcile", on_step))
             except HotplugError as exc:
                 result.errors.append(str(exc))
-    _take_strays_offline(settings, host, xs, qubesdb, lock, dry_run, result, wanted)
-    return result
+    _take_strays_offline(settings, host, xs, qubesdb, held, dry_run, result, wanted, on_step)
 
 
 def _bring_online(
     settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None,
     lock: Callable[[], AbstractContextManager[None]], dry_run: bool, result: ReconcileResult,
+    on_step: StepHook | None,
 ) -> tuple[set[str], set[SetElement]]:
     """Online every vif XenStore marks online whose device exists: (their devices, the allowed
     elements they want; other elements of theirs, left by an ``ip`` that changed, go)."""
@@ -122,7 +151,7 @@ def _bring_online(
         if dev is None:
             continue
         outcome = handle_event(HotplugEvent("online", vif, vif.name), settings, host, xs, qubesdb, lock,
-                               dry_run=dry_run)
+                               dry_run=dry_run, on_step=on_step)
         wanted.add(outcome.dev)
         if outcome.exit_code != 0:
             result.errors.append(f"{outcome.dev}: {outcome.error}")
@@ -141,11 +170,12 @@ def _bring_online(
 def _take_strays_offline(
     settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None,
     lock: Callable[[], AbstractContextManager[None]], dry_run: bool, result: ReconcileResult, wanted: set[str],
+    on_step: StepHook | None,
 ) -> None:
     """Offline every vif device here that no online vif wants."""
     for dev, stray in _stray_vifs(host, wanted):
         outcome = handle_event(HotplugEvent("offline", stray, dev), settings, host, xs, qubesdb, lock,
-                               dry_run=dry_run)
+                               dry_run=dry_run, on_step=on_step)
         if outcome.changed or (dry_run and outcome.plan is not None and _would_change(outcome.plan, host)):
             result.removed.append(f"{dev}: offline ({len(outcome.changed)} change(s))")
             if dry_run and outcome.plan is not None:
@@ -161,17 +191,16 @@ def _would_change(plan: Plan, host: NetvmHost) -> bool:
 
 def _reconcile_base(
     settings: Settings, host: NetvmHost, xs: XenStoreTree, qubesdb: Reader | None, dry_run: bool,
-    result: ReconcileResult, resolv_conf: str | None,
+    result: ReconcileResult, resolv_conf: str | None, on_step: StepHook | None,
 ) -> None:
     from ..kernel.sysctl import kernel_has_ipv6
-    from .init import dns_ruleset, netvm_params, plan_init
 
     try:
         params = netvm_params(settings, qubesdb, xs.read)
         plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read, dns_ruleset(params, resolv_conf))
         result.plans.append(plan)
         if not dry_run:
-            result.changes += len(apply_all_or_nothing(plan.steps, host, "reconcile").changed)
+            result.changes += len(apply_all_or_nothing(plan.steps, host, "reconcile", on_step).changed)
             host.record_connected(None)  # the next event compares the connected sets in full again
     except HotplugError as exc:
         result.errors.append(f"netvm firewall: {exc}")

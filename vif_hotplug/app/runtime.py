@@ -1,57 +1,75 @@
-"""The handles one process keeps open: kernel host, firewall backend, XenStore, QubesDB.
+"""The handles one process keeps open: kernel hosts, XenStore, QubesDB; and how long it waits for locks.
 
 A one-shot command builds one :class:`Runtime` and closes it; the resident
 agent keeps one for its whole life and gets the same handles back for every
 event with the same settings (different settings, as tests give, get their
-own). Nothing connects until first used.
+own). Nothing connects until first used, and nothing here decides or
+changes which firewall backend is used: commands resolve that
+(:mod:`.backend_state`) and pass it in.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..core.model import Plan
 from ..core.netvm_params import Reader
-from .settings import Settings
+from .ports import Lock
+from .settings import FALLBACK_LOCK_TIMEOUT, Settings, settings_from_env
 
 if TYPE_CHECKING:
     from ..kernel.firewall_backend import BackendName
     from ..kernel.host import KernelHost
     from ..xen.xenstore_client import XenStore
 
-log = logging.getLogger(__name__)
-
 
 class Runtime:
-    def __init__(self) -> None:
-        self._hosts: dict[tuple[str, str, str], KernelHost] = {}
+    """``lock_timeout``: how long this process's commands wait for any lock (the agent's are
+    shorter than its clients' patience, a fallback's fit libxl's deadline). ``role``: ``agent``
+    in the resident agent, ``local`` in a process doing its own command."""
+
+    def __init__(self, lock_timeout: float = FALLBACK_LOCK_TIMEOUT, role: str = "local") -> None:
+        self.lock_timeout = lock_timeout
+        self.role = role
+        self._hosts: dict[tuple[str, str, str, str], KernelHost] = {}
         self._lock = threading.Lock()
 
-    def backend_name(self, settings: Settings) -> BackendName:
-        """The backend to use now (see :func:`vif_hotplug.app.backend_state.resolve_backend`)."""
-        from .backend_state import resolve_backend
+    def settings(self, env: Mapping[str, str], backend: str | None = None) -> Settings:
+        """The command's settings: its environment and netvm.conf, ``--backend`` if given, this
+        process's lock patience. Raises ``InvalidInput``."""
+        return replace(settings_from_env(env).with_backend(backend), lock_timeout=self.lock_timeout)
 
-        name = resolve_backend(settings, self)
-        log.debug("firewall backend: %s (configured: %s)", name, settings.backend_choice)
-        return name
-
-    def host(self, settings: Settings, backend: BackendName | None = None) -> KernelHost:
-        """The kernel host whose firewall is ``backend`` (default: the one settings choose)."""
+    def host(self, settings: Settings, backend: BackendName) -> KernelHost:
+        """The kernel host whose firewall is ``backend``."""
         from ..kernel.firewall_backend import open_backend
         from ..kernel.host import KernelHost
+        from ..kernel.state_files import netns_key, state_file
 
-        name = backend or self.backend_name(settings)
-        key = (name, settings.xtables_lock, settings.nftables_lock)
+        # Per namespace too: a state record names the namespace it describes.
+        key = (backend, settings.xtables_lock, settings.nftables_lock, netns_key())
         with self._lock:
             host = self._hosts.get(key)
             if host is None:
-                host = KernelHost(open_backend(name, settings.xtables_lock, settings.nftables_lock,
-                                               settings.lock_timeout, settings.netns_state("verified", name)),
-                                  connected_memo=settings.netns_state("connected", name))
+                host = KernelHost(open_backend(backend, settings.xtables_lock, settings.nftables_lock,
+                                               settings.lock_timeout,
+                                               state_file(settings.state_dir, f"verified-{backend}")),
+                                  connected_memo=state_file(settings.state_dir, f"connected-{backend}"))
                 self._hosts[key] = host
             return host
+
+    @staticmethod
+    def hotplug_lock(settings: Settings) -> Lock:
+        """The lock every change to a vif's state is made under."""
+        from ..kernel.locks import file_lock
+
+        def lock() -> AbstractContextManager[None]:
+            return file_lock(settings.hotplug_lock, settings.lock_timeout, "hotplug lock")
+
+        return lock
 
     @staticmethod
     def xenstore(settings: Settings) -> XenStore:

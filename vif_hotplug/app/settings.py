@@ -10,30 +10,47 @@ get a :class:`Settings`. Environment variables (all optional):
 ``VIF_HOTPLUG_STATE_DIR``   runtime state: backend marker, nftables and DNS
                             locks (default ``/run/vif-hotplug``)
 ``VIF_HOTPLUG_AGENT_SOCKET``  the agent's socket (default ``/run/vif-hotplug/agent.sock``)
-``VIF_HOTPLUG_FAULT``       test-only fault injection (:mod:`vif_hotplug.app.faults`)
+``VIF_HOTPLUG_TOOLS_DIR``   a directory searched before the fixed search path
+                            for the tools this package runs (tests, unusual
+                            installs): owned by root, writable by root alone,
+                            else ignored with a warning
 ``XTABLES_LOCKFILE``        the lock ``iptables -w`` takes (default ``/run/xtables.lock``)
 ``XENSTORED_PATH``          XenStore's socket (default: xenstored's, else ``/dev/xen/xenbus``)
-``PATH``                    where ``iptables`` and ``qubesdb-read`` are looked up
 ==========================  =================================================
+
+``PATH`` is not read: the tools this package runs (``iptables``,
+``qubesdb-read``, ``busctl``, ``systemctl``, ``modprobe``) are looked up on
+:data:`DEFAULT_PATH`, whoever started the command, so the resident agent and
+a process of the toolstack's run the same programs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from ..core.errors import InvalidInput
 from ..core.netvm_params import DEFAULT_HOOKS_DIR, NetvmConf, parse_conf
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONF = "/etc/vif-hotplug/netvm.conf"
 DEFAULT_LOCK = "/run/vif-hotplug.lock"
 DEFAULT_STATE_DIR = "/run/vif-hotplug"
 DEFAULT_XTABLES_LOCK = "/run/xtables.lock"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: How long any lock (hotplug, xtables, nftables, DNS) is waited for.
-LOCK_TIMEOUT = 30.0
+#: How long any lock (hotplug, xtables, nftables, DNS) is waited for. libxl
+#: gives a hotplug script 40 s (LIBXL_HOTPLUG_TIMEOUT): a client that waited
+#: for the agent (``agent.client.TIMEOUT``) and then does the work itself must
+#: still report within that, so the agent's own waits are shorter than the
+#: client's patience and the fallback's fit what is left.
+AGENT_LOCK_TIMEOUT = 8.0
+FALLBACK_LOCK_TIMEOUT = 20.0
+LOCK_TIMEOUT = FALLBACK_LOCK_TIMEOUT
 XENSTORE_TIMEOUT = 5.0
 
 
@@ -62,7 +79,6 @@ class Settings:
     lock_timeout: float = LOCK_TIMEOUT
     qubesdb_read: str | None = None
     path: str = DEFAULT_PATH
-    fault: str | None = None
 
     @property
     def nftables_lock(self) -> str:
@@ -71,11 +87,6 @@ class Settings:
     @property
     def dns_lock(self) -> str:
         return os.path.join(self.state_dir, "dns.lock")
-
-    def netns_state(self, what: str, backend: str) -> str:
-        """A state file of this network namespace and firewall ``backend`` (``verified``, ``connected``)."""
-        netns = os.stat("/proc/thread-self/ns/net").st_ino
-        return os.path.join(self.state_dir, f"{what}-{backend}-{netns}.json")
 
     def with_backend(self, choice: str | None) -> Settings:
         """``--backend`` on the command line wins over netvm.conf."""
@@ -97,6 +108,14 @@ def read_conf_text(path: str) -> tuple[str | None, str | None]:
         return None, f"cannot read config {path}: {exc}"
 
 
+def _trusted_dir(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+
+
 def settings_from_env(env: Mapping[str, str]) -> Settings:
     """Parse and validate the environment and netvm.conf. Raises ``InvalidInput`` for a bad path."""
     conf_path = _absolute(env.get("VIF_HOTPLUG_CONF") or DEFAULT_CONF, "VIF_HOTPLUG_CONF")
@@ -109,7 +128,14 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
             error = str(exc)
     hooks_dir = env.get("VIF_HOTPLUG_HOOKS_DIR") or (conf.hooks_dir if conf and conf.hooks_dir else DEFAULT_HOOKS_DIR)
     state_dir = _absolute(env.get("VIF_HOTPLUG_STATE_DIR") or DEFAULT_STATE_DIR, "VIF_HOTPLUG_STATE_DIR")
-    path = env.get("PATH") or DEFAULT_PATH
+    path = DEFAULT_PATH
+    tools_dir = env.get("VIF_HOTPLUG_TOOLS_DIR")
+    if tools_dir:
+        if _trusted_dir(_absolute(tools_dir, "VIF_HOTPLUG_TOOLS_DIR")):
+            path = f"{tools_dir}:{DEFAULT_PATH}"
+        else:
+            log.warning("ignoring VIF_HOTPLUG_TOOLS_DIR %s: not a directory owned and writable by root alone",
+                        tools_dir[:64])
     return Settings(
         conf_path=conf_path,
         conf=conf,
@@ -124,5 +150,4 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         xenstore_path=env.get("XENSTORED_PATH") or None,
         qubesdb_read=shutil.which("qubesdb-read", path=path),
         path=path,
-        fault=env.get("VIF_HOTPLUG_FAULT") or None,
     )

@@ -21,7 +21,8 @@ from ..core.netvm_params import Reader, resolve_params
 from ..core.plan_base import base_ruleset
 from ..core.plan_dns import plan_dns_ruleset
 from ..core.validation import VifId
-from ..xenstore_env import HotplugEvent, XenStoreTree
+from ..xen.xenstore_port import XenStoreTree
+from ..xenstore_env import HotplugEvent
 from .applier import check_all
 from .hotplug import handle_event
 from .ports import NetvmHost

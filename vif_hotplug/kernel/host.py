@@ -13,8 +13,8 @@ import threading
 from dataclasses import replace
 from ipaddress import ip_network
 
-from ..app.applier import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
 from ..core.firewall import Family, Ruleset, SetElement, SetName
+from ..core.handlers import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
 from ..core.model import (
     RESTORED_SYSCTLS,
     VIF_GROUP,

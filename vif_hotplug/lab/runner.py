@@ -818,3 +818,9 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     if keep:
         print(keep_instructions(topo, LabPaths(state.tmpdir), tools), file=sys.stderr if args.json else sys.stdout)
     return 0 if completed and results and all(r.ok for r in results) else 1
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str], runtime: object, logs: object,
+                out: Callable[[str], None], prog: str) -> tuple[int, None]:
+    """``vif-hotplug lab`` as the registry runs it (:mod:`vif_hotplug.registry`)."""
+    return run(argv, env), None

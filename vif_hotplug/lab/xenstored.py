@@ -22,13 +22,13 @@ import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import FrameType, TracebackType
 from typing import Protocol, Self
 
-from .xs_wire import (
+from ..xen.xs_wire import (
     DEFAULT_PERMS,
     SPECIAL_WATCH_PATHS,
     XENSTORE_PAYLOAD_MAX,
@@ -717,3 +717,26 @@ def serve(socket_path: str) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str], runtime: object, logs: object,
+                out: Callable[[str], None], prog: str) -> tuple[int, None]:
+    """``vif-hotplug xenstored --socket PATH`` as the registry runs it (:mod:`vif_hotplug.registry`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False,
+        description="Serve the XenStore wire protocol (xs_wire.h) on a Unix socket, for machines without Xen. "
+        "Clients: xenstore-utils with XENSTORED_PATH=PATH, vif-route-qubes.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (replaced if stale)")
+    try:
+        args = p.parse_args(list(argv))
+    except SystemExit as exc:
+        return (exc.code if isinstance(exc.code, int) else 2), None
+    try:
+        serve(args.socket)
+    except OSError as exc:
+        log.error("cannot serve on %s: %s", args.socket, exc.strerror or exc)
+        return 1, None
+    return 0, None
