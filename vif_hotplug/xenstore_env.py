@@ -46,6 +46,11 @@ class HotplugEvent:
     def type_if(self) -> str:
         return dict(self.options).get("type_if", "vif")
 
+    @property
+    def trigger(self) -> str:
+        """``udev`` when udev ran us (the shipped rule says so), else the toolstack or a person."""
+        return dict(self.options).get("trigger", "toolstack")
+
 
 def parse_invocation(args: Sequence[str], env: Mapping[str, str]) -> HotplugEvent:
     """Validate argv (after the command) and env; raises ``InvalidInput``."""
@@ -112,7 +117,8 @@ def read_backend(xs: XenStorePort, xenbus_path: str, require: bool) -> BackendCo
         netback_form = re.fullmatch(r"vif([0-9]+)\.([0-9]+)", vifname)
         if netback_form and f"backend/vif/{netback_form[1]}/{netback_form[2]}" != xenbus_path:
             raise InvalidInput(f"invalid vifname {vifname!r}: the name netback gives another vif")
-    if not re.fullmatch(r"[a-z0-9_-]{1,16}", vif_type):
+    # Passed to the hooks as an argument: never one that reads as an option.
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,15}", vif_type):
         raise InvalidInput(f"invalid type {vif_type[:32]!r} in {xenbus_path}")
     if not require and (ip is None or not ip.strip()):
         return BackendConfig(None, vifname)
@@ -132,3 +138,17 @@ def report_error(xs: XenStorePort, xenbus_path: str, message: str) -> None:
     # hotplug-error first: the toolstack wakes on hotplug-status and reads it.
     xs.write(f"{xenbus_path}/hotplug-error", message)
     xs.write(f"{xenbus_path}/hotplug-status", "error")
+
+
+#: The name libxl's ``script`` key has for this package's script (a path or a bare name).
+SCRIPT_NAME = "vif-route-qubes"
+
+
+def names_this_script(script: str | None) -> bool:
+    """Whether a vif's backend key ``script`` names this package's script.
+
+    Under udev (``run_hotplug_scripts=0``) Xen's rules run every script for
+    every vif; a vif configured with another script (``vif-bridge``) is that
+    script's, not ours.
+    """
+    return script is not None and script.rstrip().rsplit("/", 1)[-1] == SCRIPT_NAME

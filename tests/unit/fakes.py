@@ -24,7 +24,7 @@ import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from ipaddress import ip_network
+from ipaddress import ip_address, ip_network
 from typing import Any
 
 from vif_hotplug.core.errors import DeviceGone, KernelError, XenStoreUnavailable
@@ -34,8 +34,10 @@ from vif_hotplug.core.model import (
     RESTORED_SYSCTLS,
     VIF_GROUP,
     AddressRelease,
+    AddressRoute,
     ConntrackPurge,
     DeviceAddress,
+    KernelModule,
     LinkFacts,
     LinkGroup,
     LinkNetns,
@@ -112,8 +114,12 @@ class FakeKernel:
         #: Addresses with conntrack entries, and the purges done (not part of :meth:`state`).
         self.conntrack: set[str] = set()
         self.purged: list[str] = []
-        #: This host's own addresses (its uplink's, say).
+        #: This host's own addresses (its uplink's, say), and the networks on its non-VM links.
         self.local: set[str] = set()
+        self.uplink_networks: dict[str, str] = {}
+        #: Kernel modules this kernel has that nothing loaded yet, and those loaded since.
+        self.loadable_modules: set[str] = set()
+        self.loaded_modules: list[str] = []
         self._failures: list[tuple[Matcher, BaseException]] = []
         self.handlers: Handlers = {
             Sysctl: SettingOps(self._set_sysctl, self._current_sysctl),
@@ -130,6 +136,7 @@ class FakeKernel:
             Ruleset: EnsureOps(self._ensure, self._drift),
             ConntrackPurge: ActionOps(self._purge),
             AddressRelease: ActionOps(self._release),
+            KernelModule: ActionOps(lambda m: self.loaded_modules.append(m.name)),
         }
 
     # --- building a scene ----------------------------------------------------------------
@@ -209,7 +216,8 @@ class FakeKernel:
         disabled = not self.ipv6_in_kernel or self.namespaces[None].get("net/ipv6/conf/all/disable_ipv6") == "1"
         if link is not None and link.sysctls.get("ipv6/disable_ipv6") == "1":
             disabled = True
-        facts = LinkFacts(link is not None, disabled, self.ipv6_in_kernel, nat_netns(dev) in self.namespaces)
+        facts = LinkFacts(link is not None, disabled, self.ipv6_in_kernel, nat_netns(dev) in self.namespaces,
+                          link.group if link is not None else 0)
         if not defaults_wanted:
             return facts
         return replace(facts, sysctl_defaults=tuple((k, self.defaults.get(k, "0")) for k in RESTORED_SYSCTLS))
@@ -222,6 +230,33 @@ class FakeKernel:
 
     def local_addresses(self, addresses: list[str]) -> frozenset[str]:
         return frozenset(a for a in addresses if a in self.local)
+
+    def address_routes(self, addresses: list[str]) -> tuple[AddressRoute, ...]:
+        """As the kernel's route lookup: local addresses, else the longest matching route (a
+        route added on a device is on its link; :attr:`uplink_networks` are non-VM links' networks)."""
+        out = []
+        for addr in addresses:
+            if addr in self.local:
+                out.append(AddressRoute(addr, local=True))
+                continue
+            candidates = [(ip_network(r.destination).prefixlen, r.dev) for (netns, _, _, _), r in self.routes.items()
+                          if netns is None and ip_address(addr) in ip_network(r.destination)]
+            candidates += [(ip_network(net).prefixlen, dev) for net, dev in self.uplink_networks.items()
+                           if ip_address(addr) in ip_network(net)]
+            if not candidates:
+                out.append(AddressRoute(addr))
+                continue
+            prefix, dev = max(candidates)
+            link = self.links.get((None, dev))
+            out.append(AddressRoute(addr, False, dev, link.alias if link else None,
+                                    link is not None and link.group == 2, True, prefix))
+        return tuple(out)
+
+    def module_loadable(self, name: str) -> bool:
+        return name in self.loadable_modules and name not in self.loaded_modules
+
+    def device_elements(self, dev: str) -> list[SetElement]:
+        return sorted(e for e in self.set_elements if e.set == "allowed" and e.dev == dev)
 
     def element_present(self, element: SetElement) -> bool:
         return element in self.set_elements

@@ -60,6 +60,7 @@ def test_prerouting_sends_vm_packets_to_antispoof_and_drops_other_packets_from_v
     ip = "ip6" if family == 6 else "ip"
     assert texts(antispoof_ruleset((4, 6)), family, "prerouting") == [
         "iifgroup 2 goto antispoof",
+        "iifname vif* counter drop",
         f"{ip} saddr @downstream counter drop",
         f"{ip} saddr @connected counter drop",
     ]
@@ -80,11 +81,14 @@ def test_antispoof_accepts_allowed_interface_source_pairs_and_drops_the_rest(fam
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_downstream_out_drops_packets_leaving_a_non_vm_interface_towards_a_connected_address(family: Family) -> None:
+def test_downstream_out_drops_packets_leaving_a_non_vm_interface_towards_a_vm_or_connected_address(
+    family: Family,
+) -> None:
     ip = "ip6" if family == 6 else "ip"
     c = chain(antispoof_ruleset((4, 6)), family, "downstream-out")
     assert c.hook == Hook("postrouting", "filter", PRIORITY["raw"])
-    assert [r.text(family) for r in c.rules] == [f"oifgroup != 2 {ip} daddr @connected counter drop"]
+    assert [r.text(family) for r in c.rules] == [f"oifgroup != 2 {ip} daddr @downstream counter drop",
+                                                 f"oifgroup != 2 {ip} daddr @connected counter drop"]
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -296,10 +300,12 @@ NAT = nat_ruleset(NatNamespace("vif4.0", "10.137.0.50", "10.138.0.2", "10.138.0.
 
 AS_NFT_PRINTS: list[tuple[Ruleset, Family, str, str, int, str]] = [
     (OPEN, 4, "qubes", "prerouting", 0, "iifgroup 2 goto antispoof"),
-    (OPEN, 4, "qubes", "prerouting", 1, "ip saddr @downstream counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "prerouting", 1, 'iifname "vif*" counter packets 0 bytes 0 drop'),
+    (OPEN, 4, "qubes", "prerouting", 2, "ip saddr @downstream counter packets 0 bytes 0 drop"),
     (OPEN, 4, "qubes", "antispoof", 0, "iifname . ip saddr @allowed accept"),
     (OPEN, 4, "qubes", "antispoof", 1, "counter packets 0 bytes 0 drop"),
-    (OPEN, 4, "qubes", "downstream-out", 0, "oifgroup != 2 ip daddr @connected counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "downstream-out", 0, "oifgroup != 2 ip daddr @downstream counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "downstream-out", 1, "oifgroup != 2 ip daddr @connected counter packets 0 bytes 0 drop"),
     (OPEN, 4, "qubes", "postrouting", 1, 'oif "lo" accept'),
     (OPEN, 4, "qubes", "postrouting", 2, "masquerade"),
     (OPEN, 4, "qubes", "forward", 0, "jump custom-forward"),

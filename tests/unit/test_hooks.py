@@ -93,3 +93,59 @@ def test_only_executable_visible_regular_files_are_hooks(hooks_dir: Path, log: P
 def test_a_missing_hooks_directory_means_no_hooks(tmp_path: Path) -> None:
     run_hooks(hooks(tmp_path / "absent", "10.137.0.5"))
     assert hook_programs(str(tmp_path / "absent")) == []
+
+
+# --- only hooks that root alone can change run ---------------------------------------------------------
+
+needs_root = pytest.mark.skipif(__import__("os").geteuid() != 0, reason="only root owns what root alone can change")
+
+
+@needs_root
+def test_a_hook_others_may_write_is_skipped_with_a_warning(hooks_dir: Path, log: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    script(hooks_dir, "10-open", log, mode=0o777)
+    script(hooks_dir, "20-closed", log)
+    assert [Path(p).name for p in hook_programs(str(hooks_dir))] == ["20-closed"]
+    assert "10-open skipped" in caplog.text
+
+
+@needs_root
+def test_a_hooks_directory_others_may_write_runs_nothing(hooks_dir: Path, log: Path) -> None:
+    script(hooks_dir, "10-hook", log)
+    hooks_dir.chmod(0o777)
+    run_hooks(hooks(hooks_dir, "10.137.0.5"))
+    assert calls(log) == []
+
+
+@needs_root
+def test_a_hook_owned_by_another_user_is_skipped(hooks_dir: Path, log: Path) -> None:
+    import os
+
+    path = script(hooks_dir, "10-theirs", log)
+    os.chown(path, 65534, 65534)
+    assert hook_programs(str(hooks_dir)) == []
+
+
+@needs_root
+def test_a_symlink_to_a_hook_root_alone_can_change_runs_and_one_to_anything_else_does_not(
+    tmp_path: Path, hooks_dir: Path, log: Path,
+) -> None:
+    elsewhere = tmp_path / "lib"
+    elsewhere.mkdir()
+    good = script(elsewhere, "good", log)
+    bad = script(elsewhere, "bad", log, mode=0o777)
+    (hooks_dir / "10-good").symlink_to(good)
+    (hooks_dir / "20-bad").symlink_to(bad)
+    assert [Path(p).name for p in hook_programs(str(hooks_dir))] == ["10-good"]
+
+
+def test_hooks_get_a_minimal_environment_whoever_ran_the_event(
+    hooks_dir: Path, log: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SECRET", "leaked")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    script(hooks_dir, "10-env", log, body=f'env | sort >> "{log}"')
+    run_hooks(hooks(hooks_dir, "10.137.0.5"))
+    seen = calls(log)
+    assert "SECRET=leaked" not in seen and "vif=vif4.0" in seen
+    assert any(line.startswith("PATH=/usr/local/sbin:") for line in seen)

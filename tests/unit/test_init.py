@@ -80,8 +80,16 @@ def test_netvm_params_refuse_a_broken_conf() -> None:
         netvm_params(Settings(conf_error="bad value"), None, None)
 
 
-def test_netvm_params_with_xenstore_down_are_empty() -> None:
-    assert netvm_params(SETTINGS, None, xenstore_down) == NetvmParams()
+def test_netvm_params_with_xenstore_down_have_ipv6_off_and_no_gateway() -> None:
+    params = netvm_params(SETTINGS, None, xenstore_down)
+    assert (params.gateway, params.ipv6, params.virtual_dns) == (None, False, ())
+
+
+def test_unreadable_netvm_params_still_drop_dns_to_qubes_virtual_resolvers() -> None:
+    from vif_hotplug.core.plan_dns import plan_guard_ruleset
+
+    guard = dns_ruleset(netvm_params(SETTINGS, None, xenstore_down), None)
+    assert guard == plan_guard_ruleset([IPv4Address("10.139.1.1"), IPv4Address("10.139.1.2")])
 
 
 def test_no_virtual_resolvers_means_no_dns_ruleset() -> None:

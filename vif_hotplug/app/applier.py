@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..core.errors import DeviceGone, HotplugError, KernelError
 from ..core.handlers import ActionOps, EnsureOps, Host, ObjectOps, Ops, SettingOps, StepHook
-from ..core.model import Step
+from ..core.model import LinkState, Step
 
 log = logging.getLogger(__name__)
 
@@ -104,32 +104,61 @@ def apply_all_or_nothing(steps: Sequence[Step], host: Host, tag: str, on_step: S
     return Applied(tuple(changed), tuple(undo))
 
 
+def _takes_down(step: Step) -> str | None:
+    """The device whose link ``step`` takes down, if it does."""
+    t = step.target
+    return t.dev if step.op == "set" and isinstance(t, LinkState) and not t.up and t.netns is None else None
+
+
 def rollback(undo: Sequence[Step], host: Host, tag: str) -> None:
-    """Apply the inverse steps ``undo`` in reverse order; failures are logged, not raised."""
+    """Apply the inverse steps ``undo`` in reverse order; failures are logged, not raised.
+
+    Stops at a link-down that fails (the device is still there): what was
+    undone before it is gone, and what would come after it (the vif's group,
+    its ``allowed`` elements) stays, so an interface that is still up keeps
+    its anti-spoofing.
+    """
     for step in reversed(undo):
         try:
             _execute(step, host)
             log.info("%s: undo: %s", tag, step)
+        except DeviceGone:
+            log.debug("%s: undo %s: device gone, nothing to do", tag, step)
         except HotplugError as exc:
             log.error("%s: undo %s failed: %s", tag, step, exc)
+            if _takes_down(step) is not None:
+                log.error("%s: %s is still up: its anti-spoofing stays, the rest of the undo is left", tag,
+                          _takes_down(step))
+                return
 
 
 def apply_best_effort(steps: Sequence[Step], host: Host, tag: str, on_step: StepHook | None = None) -> list[Step]:
-    """Apply every step of a removal plan; raise the first real failure at the end."""
+    """Apply every step of a removal plan; raise the first real failure at the end.
+
+    A step that ``requires_down`` a device whose link-down failed in this run
+    is skipped (and the failure raised): see :class:`~vif_hotplug.core.model.Step`.
+    """
     changed: list[Step] = []
     first: HotplugError | None = None
+    still_up: set[str] = set()
     for index, step in enumerate(steps):
         if on_step is not None:
             on_step("before", index, step)
-        try:
-            if _execute(step, host)[0]:
-                log.info("%s: %s", tag, step)
-                changed.append(step)
-        except DeviceGone:
-            log.debug("%s: %s: device gone, nothing to do", tag, step)
-        except HotplugError as exc:
-            log.error("%s: %s failed: %s", tag, step, exc)
-            first = first or exc
+        if step.requires_down is not None and step.requires_down in still_up:
+            log.error("%s: %s skipped: %s is still up", tag, step, step.requires_down)
+        else:
+            try:
+                if _execute(step, host)[0]:
+                    log.info("%s: %s", tag, step)
+                    changed.append(step)
+            except DeviceGone:
+                log.debug("%s: %s: device gone, nothing to do", tag, step)
+            except HotplugError as exc:
+                log.error("%s: %s failed: %s", tag, step, exc)
+                first = first or exc
+                down = _takes_down(step)
+                if down is not None:
+                    still_up.add(down)
         if on_step is not None:
             on_step("after", index, step)
     if first is not None:

@@ -32,6 +32,7 @@ from .applier import apply_all_or_nothing
 from .settings import Settings
 from .stop import StopOnSignal
 from .upstreams import read_upstreams, watched_files
+from .upstreams_record import record_upstreams
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def apply_dns(
             show("\n".join(summary_lines(virtual, upstreams) + describe(ruleset)))
         if dry_run:
             return EXIT_CHANGED
-        if not apply_all_or_nothing([Step("ensure", ruleset)], host, "dns").changed:
+        changed = bool(apply_all_or_nothing([Step("ensure", ruleset)], host, "dns").changed)
+        record_upstreams(settings, upstreams.servers)
+        if not changed:
             log.info("DNS DNAT rules already in place")
             return EXIT_UNCHANGED
     mapped, unchanged = _pairs(virtual, upstreams)

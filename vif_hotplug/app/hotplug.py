@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..core.errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from ..core.firewall import Family, SetElement
 from ..core.handlers import StepHook
-from ..core.model import Hooks, IPNetwork, NetvmParams, Plan, Step
+from ..core.model import VIF_GROUP, AddressRoute, Hooks, IPNetwork, NetvmParams, Plan, Step
 from ..core.netvm_params import (
     CONNECTED_XENSTORE,
     QUBES_NAMES,
@@ -33,12 +33,13 @@ from ..core.netvm_params import (
 from ..core.plan_base import families_of
 from ..core.plan_connected import connected_steps
 from ..core.plan_vif import OfflineInputs, OnlineInputs, plan_offline, plan_online
-from ..core.validation import parse_vm_addresses
+from ..core.validation import VifId, parse_vif_name, parse_vm_addresses
 from ..xen.xenstore_port import Prefetched, XenStorePort
 from ..xenstore_env import (
     BACKEND_KEYS,
     BackendConfig,
     HotplugEvent,
+    names_this_script,
     read_backend,
     report_connected,
     report_error,
@@ -47,6 +48,7 @@ from .applier import apply_all_or_nothing, apply_best_effort, rollback
 from .connected import source_text
 from .ports import HotplugHost, Lock
 from .settings import Settings
+from .upstreams_record import read_recorded_upstreams
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ def handle_event(
         log.info("%s: %s type_if=%s: nothing to do", event.dev, event.command, event.type_if)
         return Outcome(0, event.dev)
     try:
+        if event.trigger == "udev" and not names_this_script(xs.read(f"{event.xenbus_path}/script")):
+            log.debug("%s: %s from udev for a vif whose script is another one: not ours", event.dev, event.command)
+            return Outcome(0, event.dev)
         if event.command == "online":
             return _online(event, settings, host, xs, qubesdb, lock, dry_run, on_step)
         return _offline(event, settings, host, xs, qubesdb, lock, dry_run, on_step)
@@ -134,8 +139,7 @@ def _online(
     xs = _prefetched(xs, event)
     backend = read_backend(xs, event.xenbus_path, require=True)
     vm = backend.vm
-    if vm is None:  # read_backend(require=True) never says so
-        raise InvalidInput(f"{event.xenbus_path}/ip is missing")
+    assert vm is not None  # read_backend(require=True) raises instead
     if settings.conf_error is not None:
         raise InvalidInput(settings.conf_error)
     netvm = resolve_params(settings.conf, qubesdb, xs.read)
@@ -157,10 +161,15 @@ def _online(
         already = frozenset(
             str(n) for n in vm.networks if host.element_present(SetElement(_family(n), "allowed", str(n), dev))
         )
-        hosts = [str(n.network_address) for n in vm.networks if n.prefixlen == n.max_prefixlen]
+        routes = host.address_routes([str(n.network_address) for n in vm.networks])
+        _refuse_others_addresses(event, dev, vm.networks, routes, host, xs, settings)
+        # A device not yet in group 2 comes up for a new VM: whatever allowed elements
+        # its name still has are a previous VM's (an offline that never finished).
+        stale = tuple(host.device_elements(dev)) if facts.group != VIF_GROUP else ()
+        hosts = frozenset(r.address for r in routes if r.local)
         plan = plan_online(OnlineInputs(
             dev, event.vif.domid, vm, netvm, facts, settings.hooks_dir, rename_from, mapped, already,
-            host.local_addresses(hosts), harden,
+            hosts, harden, stale,
         ))
         plan, synced = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
         _log_plan(plan)
@@ -203,15 +212,12 @@ def _offline(
         log.warning("%s: %s; gateway addresses unknown, the rest is removed", event.dev, exc)
     with lock():
         _check_identity(event, backend, host)
-        dev = _offline_device(host, event.dev, backend.vifname)
+        dev = _offline_device(host, event, backend.vifname)
         facts = host.link_facts(dev)
-        if backend.vm is not None:
-            networks = backend.vm.networks
-        else:
-            networks = tuple(
-                net for family in families_of(facts.ipv6_in_kernel) for e in host.elements(family, "allowed")
-                if e.dev == dev for net in parse_vm_addresses(e.network)
-            )
+        # What XenStore lists now and what the kernel still allows this device: an ``ip``
+        # that changed, or an earlier offline that never finished, leaves nothing behind.
+        held = tuple(net for e in host.device_elements(dev) for net in _networks_of(e.network))
+        networks = tuple(dict.fromkeys((backend.vm.networks if backend.vm is not None else ()) + held))
         vif_type = backend.vm.vif_type if backend.vm is not None else "vif"
         plan = plan_offline(OfflineInputs(
             dev, event.vif.domid, networks, netvm, facts, settings.hooks_dir, vif_type, harden,
@@ -227,12 +233,81 @@ def _offline(
     return Outcome(0, dev, plan, tuple(changed))
 
 
-def _offline_device(host: HotplugHost, given: str, vifname: str | None) -> str:
-    """The device to take offline: the vifname, netback's name, or the one renamed from it."""
-    for candidate in (vifname, given):
-        if candidate is not None and host.exists(candidate):
+def _offline_device(host: HotplugHost, event: HotplugEvent, vifname: str | None) -> str:
+    """The device to take offline: the vifname, netback's name, or the one renamed from it.
+
+    Only a device whose identity is this vif's: netback's name, or a device
+    renamed from it (its alias keeps netback's name). A ``vifname`` that names
+    any other device (the uplink, another VM's vif) is not followed.
+    """
+    own = event.vif.name
+    for candidate in (vifname, event.dev):
+        if candidate is None or not host.exists(candidate):
+            continue
+        if candidate == own or host.alias(candidate) == own:
             return candidate
-    return host.find_by_alias(given) or vifname or given
+        log.warning("%s: %s is not this vif's device: left alone", own, candidate)
+    found = host.find_by_alias(own)
+    if found is not None:
+        return found
+    # Gone: only what outlives the device (its set elements) is left, under the name it had.
+    return vifname if vifname is not None and not host.exists(vifname) else own
+
+
+def _networks_of(network: str) -> tuple[IPNetwork, ...]:
+    try:
+        return parse_vm_addresses(network)
+    except InvalidInput:
+        return ()
+
+
+def _refuse_others_addresses(
+    event: HotplugEvent, dev: str, networks: tuple[IPNetwork, ...], routes: tuple[AddressRoute, ...],
+    host: HotplugHost, xs: XenStorePort, settings: Settings,
+) -> None:
+    """Refuse a VM address that already belongs elsewhere: another online vif's (or inside its
+    network), on a network of the netvm's own links (the LAN's router), or an upstream resolver.
+
+    One route lookup per address: the common case costs nothing more. A vif
+    that XenStore no longer marks online (a VM being restarted under a new
+    domid) does not count: its address is released with its offline.
+    """
+    upstreams = set(read_recorded_upstreams(settings))
+    for net, route in zip(networks, routes, strict=True):
+        shown = f"invalid ip {net}"
+        if route.local:
+            continue  # the planner names the netvm's own addresses
+        if str(net.network_address) in upstreams:
+            raise InvalidInput(f"{shown}: an upstream nameserver of this netvm")
+        if route.dev is not None and route.vm_interface and route.dev != dev and route.alias != event.vif.name:
+            other = _vif_of_device(route.dev, route.alias)
+            if other is None or xs.read(f"{other.xenbus_path}/online") == "1":
+                whose = other.name if other is not None else route.dev
+                raise InvalidInput(f"{shown}: already routed to {route.dev} ({whose} is online)")
+        elif route.dev is not None and not route.vm_interface and route.on_link and route.prefixlen > 0:
+            raise InvalidInput(f"{shown}: on the network of {route.dev}, a link of this netvm's own")
+    wide = [n for n in networks if n.prefixlen < n.max_prefixlen]
+    if wide:
+        mine = set(networks)
+        for family in sorted({_family(n) for n in wide}):
+            for e in host.elements(family, "downstream"):
+                for held in _networks_of(e.network):
+                    if held in mine:
+                        continue
+                    for net in wide:
+                        if held.version == net.version and held.subnet_of(net):  # type: ignore[arg-type]
+                            raise InvalidInput(f"invalid ip {net}: covers {held}, another VM's address")
+
+
+def _vif_of_device(name: str, alias: str | None) -> VifId | None:
+    for candidate in (name, alias):
+        if candidate is None:
+            continue
+        try:
+            return parse_vif_name(candidate)
+        except InvalidInput:
+            continue
+    return None
 
 
 def _with_connected(

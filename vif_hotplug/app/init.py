@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..core.firewall import Ruleset
 from ..core.handlers import StepHook
-from ..core.model import Plan
+from ..core.model import KernelModule, Plan, Step
 from ..core.plan_base import plan_stop
+from ..core.plan_dns import dnat_targets
 from .applier import Applied, apply_all_or_nothing
 from .backend_state import Marker, other, read_marker, write_marker
 from .dns import forget_flows
@@ -34,12 +35,16 @@ from .netvm_plan import dns_ruleset, netvm_params, plan_init
 from .ports import HotplugHost, Lock
 from .reconcile import reconcile
 from .settings import Settings
+from .upstreams_record import record_upstreams
 
 if TYPE_CHECKING:
     from ..kernel.firewall_backend import BackendName
     from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+#: The driver that makes the vifs (Qubes' network-proxy-setup.sh loads it too).
+NETBACK = "xen-netback"
 
 
 def apply_init(plan: Plan, host: HotplugHost, on_step: StepHook | None = None) -> Applied:
@@ -79,6 +84,9 @@ def initialize(
         host = runtime.host(settings, backend)
         plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read,
                          dns_ruleset(params, resolv_conf))
+        if host.module_loadable(NETBACK):
+            # After the firewall: the vifs netback makes are born into it.
+            plan = replace(plan, steps=(*plan.steps, Step("run", KernelModule(NETBACK))))
         for note in plan.notes:
             log.info("%s", note)
         if dry_run:
@@ -90,6 +98,9 @@ def initialize(
             changes = len(applied.changed)
             if any(s.target.what == "dns" for s in applied.changed if isinstance(s.target, Ruleset)):
                 forget_flows(params.virtual_dns)
+            for step in plan.steps:
+                if isinstance(step.target, Ruleset) and step.target.what == "dns":
+                    record_upstreams(settings, dnat_targets(step.target))
             changes += reconcile(settings, host, xs, qubesdb, lock=contextlib.nullcontext).changes
             # Only now that the new anti-spoofing holds every vif: the old one goes.
             former = runtime.host(settings, other(backend))

@@ -9,6 +9,7 @@ by :mod:`.init` (apply), :mod:`.reconcile` (restore) and :mod:`.status`
 from __future__ import annotations
 
 import logging
+from ipaddress import IPv4Address
 
 from ..core.errors import HotplugError, InvalidInput, XenStoreUnavailable
 from ..core.firewall import Ruleset
@@ -24,8 +25,16 @@ from .upstreams import read_upstreams
 log = logging.getLogger(__name__)
 
 
+#: What ``netvm_params`` says when no source could be read (XenStore down).
+UNAVAILABLE = "unavailable"
+#: The virtual resolvers every Qubes netvm presents (qubes-core-admin's defaults): guarded
+#: while the real ones cannot be read, so no query to them leaves as it is.
+QUBES_VIRTUAL_DNS = (IPv4Address("10.139.1.1"), IPv4Address("10.139.1.2"))
+
+
 def netvm_params(settings: Settings, qubesdb: Reader | None, xenstore: Reader | None) -> NetvmParams:
-    """The netvm parameters for init: none at all (or XenStore down) means IPv6 off and no DNS guard.
+    """The netvm parameters for init: none at all means IPv6 off and no DNS rules; unreadable
+    (XenStore down) means IPv6 off and the DNS guard on Qubes' virtual resolvers.
 
     Raises ``InvalidInput`` for a bad value in the source that has them.
     """
@@ -34,12 +43,16 @@ def netvm_params(settings: Settings, qubesdb: Reader | None, xenstore: Reader | 
     try:
         return resolve_params(settings.conf, qubesdb, xenstore)
     except XenStoreUnavailable as exc:
-        log.warning("netvm parameters unavailable (%s): IPv6 treated as off", exc)
-        return NetvmParams()
+        log.warning("netvm parameters unavailable (%s): IPv6 treated as off, DNS to %s dropped", exc,
+                    "/".join(map(str, QUBES_VIRTUAL_DNS)))
+        return NetvmParams(source=UNAVAILABLE)
 
 
 def dns_ruleset(params: NetvmParams, resolv_conf: str | None) -> Ruleset | None:
-    """The DNS tool's rules for now, or DNS1/DNS2 only rejected when the upstreams cannot be read."""
+    """The DNS tool's rules for now, or DNS1/DNS2 only rejected when the upstreams cannot be read
+    (and Qubes' DNS1/DNS2 when the netvm parameters themselves cannot)."""
+    if params.source == UNAVAILABLE:
+        return plan_guard_ruleset(QUBES_VIRTUAL_DNS)
     if not params.virtual_dns:
         return None
     try:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from ..core.firewall import Family, SetElement, SetName
 from ..core.handlers import Host
-from ..core.model import LinkFacts
+from ..core.model import AddressRoute, LinkFacts
 
 
 class KernelFacts(Protocol):
@@ -28,6 +28,18 @@ class KernelFacts(Protocol):
     def find_by_alias(self, alias: str) -> str | None: ...
 
     def local_addresses(self, addresses: list[str]) -> frozenset[str]: ...
+
+    def address_routes(self, addresses: list[str]) -> tuple[AddressRoute, ...]:
+        """Where each address would be sent now (two route lookups each)."""
+        ...
+
+    def module_loadable(self, name: str) -> bool:
+        """Whether kernel module ``name`` is a module of this kernel that nothing loaded yet."""
+        ...
+
+    def device_elements(self, dev: str) -> list[SetElement]:
+        """The ``allowed`` elements naming ``dev`` (a listing: first online and offline only)."""
+        ...
 
     def element_present(self, element: SetElement) -> bool: ...
 

@@ -121,11 +121,29 @@ class LinkFacts:
     ipv6_in_kernel: bool = True
     #: A NAT namespace for this vif exists (it has a mapped address).
     nat_namespace: bool = False
+    #: The interface group the device is in now (a new netback device is in group 0).
+    group: int = DEFAULT_GROUP
     #: ``conf/default`` values of :data:`RESTORED_SYSCTLS`, as ``("ipv4/proxy_arp", "0")``.
     sysctl_defaults: tuple[tuple[str, str], ...] = (("ipv4/proxy_arp", "0"), ("ipv6/proxy_ndp", "0"))
 
     def default(self, key: str) -> str:
         return dict(self.sysctl_defaults).get(key, "0")
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRoute:
+    """Where the kernel would send ``address`` now: what tells a VM address that is someone else's."""
+
+    address: str
+    #: The address is this netvm's own (a local route).
+    local: bool = False
+    #: The device of the matching route, its alias and whether it is a VM interface (group 2).
+    dev: str | None = None
+    alias: str | None = None
+    vm_interface: bool = False
+    #: The matching route has no gateway: ``address`` is on ``dev``'s own link.
+    on_link: bool = False
+    prefixlen: int = 0
 
 
 # --- kernel objects ------------------------------------------------------------
@@ -300,6 +318,16 @@ class AddressRelease:
 
 
 @dataclass(frozen=True, slots=True)
+class KernelModule:
+    """A kernel module to load (``modprobe``): planned only when the kernel has it and nothing loaded it."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"kernel module {self.name} loaded"
+
+
+@dataclass(frozen=True, slots=True)
 class Hooks:
     """The administrator's hook scripts for one event (run after the status is reported)."""
 
@@ -321,13 +349,20 @@ Op = Literal["add", "remove", "set", "ensure", "run"]
 @dataclass(frozen=True, slots=True)
 class Step:
     """One change: ``add``/``remove`` an object, ``set`` a setting, ``ensure`` a
-    firewall ruleset (idempotent, shared, never undone) or ``run`` an action."""
+    firewall ruleset (idempotent, shared, never undone) or ``run`` an action.
+
+    ``requires_down`` names a device whose link must be down (or gone) before
+    this step may run: the steps that lift a VM interface's anti-spoofing
+    (its ``allowed`` elements, its group) are skipped when taking the link
+    down failed, so a VM is never left running without them.
+    """
 
     op: Op
     target: (
         Sysctl | LinkGroup | LinkState | LinkRename | Neighbour | Route | DeviceAddress | Netns | LinkNetns | Veth
-        | ConntrackPurge | AddressRelease | SetElement | Ruleset
+        | ConntrackPurge | AddressRelease | KernelModule | SetElement | Ruleset
     )
+    requires_down: str | None = None
 
     def __str__(self) -> str:
         """One line: the change, as logs show it."""

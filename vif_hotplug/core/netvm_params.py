@@ -28,7 +28,7 @@ from __future__ import annotations
 import configparser
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .errors import InvalidInput
 from .model import NetvmParams
@@ -94,6 +94,9 @@ def params_from_values(values: Mapping[str, str | None], source: str) -> NetvmPa
         return v.strip() if v is not None and v.strip() else None
 
     gw, gw6, dns1, dns2 = (get(k) for k in KEYS)
+    for key, value in zip(KEYS, (gw, gw6, dns1, dns2), strict=True):
+        if value is not None:
+            _usable(value, f"{key} in {source}")
     ipv6_raw = get("ipv6")
     override: bool | None = None
     if ipv6_raw is not None:
@@ -110,12 +113,32 @@ def params_from_values(values: Mapping[str, str | None], source: str) -> NetvmPa
     )
 
 
+def _usable(text: str, what: str) -> None:
+    """Refuse what no gateway, resolver or VM can be: a loopback, multicast or unspecified address.
+
+    ``connected_ips = 127.0.0.1`` would otherwise drop the netvm's own loopback
+    traffic, a multicast gateway would be answered for on every vif.
+    """
+    try:
+        addr = ip_address(text)
+    except ValueError:
+        return  # the parser that follows names it
+    if addr.is_loopback or addr.is_multicast or addr.is_unspecified:
+        raise InvalidInput(f"invalid {what} {text[:64]!r}: a loopback, multicast or unspecified address")
+
+
 def parse_connected4(text: str, source: str) -> tuple[IPv4Address, ...]:
-    return tuple(dict.fromkeys(parse_ipv4(w, f"connected address in {source}") for w in text.split()))
+    what = f"connected address in {source}"
+    for w in text.split():
+        _usable(w, what)
+    return tuple(dict.fromkeys(parse_ipv4(w, what) for w in text.split()))
 
 
 def parse_connected6(text: str, source: str) -> tuple[IPv6Address, ...]:
-    return tuple(dict.fromkeys(parse_ipv6(w, f"connected address in {source}") for w in text.split()))
+    what = f"connected address in {source}"
+    for w in text.split():
+        _usable(w, what)
+    return tuple(dict.fromkeys(parse_ipv6(w, what) for w in text.split()))
 
 
 def _bool(value: str, what: str) -> bool:

@@ -5,10 +5,12 @@ Per family, in table ``qubes``:
 * anti-spoofing (:func:`antispoof_ruleset`; every ``online`` ensures it):
   ``prerouting`` (raw priority) sends packets from VM interfaces (group 2)
   to ``antispoof``, which accepts (interface, source) pairs in ``allowed``
-  and drops the rest; any other packet with a source in ``downstream`` or
+  and drops the rest; a packet from an interface named like a vif outside
+  group 2 is dropped; any other packet with a source in ``downstream`` or
   ``connected`` is dropped. ``downstream-out`` drops packets that would
-  leave through a non-VM interface towards a ``connected`` address (a VM
-  that is switched off must not have its address routed out of the uplink).
+  leave through a non-VM interface towards a ``downstream`` or ``connected``
+  address (a VM's address is never routed out of the uplink: not while its
+  route is missing, not during its offline, not while it is switched off).
   Per-vif work only adds and removes set elements.
 * the rest (:func:`base_ruleset`; ``init``): ``postrouting`` (NAT at every
   hop: accept towards VMs and ``lo``, masquerade the rest), ``input``
@@ -71,6 +73,9 @@ LINK_LOCAL6 = "fe80::/64"
 
 FROM_VM = IfGroup("in", VIF_GROUP)
 TO_VM = IfGroup("out", VIF_GROUP)
+NOT_TO_VM = IfGroup("out", VIF_GROUP, negate=True)
+#: netback's names (``vifD.N``; a trailing ``*`` is a prefix match in every backend).
+VIF_NAMES = "vif*"
 FROM_LO = IfName("in", "lo", by_index=True)
 TO_LO = IfName("out", "lo", by_index=True)
 INVALID = rule(CtState(("invalid",)), verdict=Drop(), counter=True)
@@ -90,6 +95,9 @@ def antispoof_table(family: Family) -> Table:
                 "prerouting",
                 (
                     rule(FROM_VM, verdict=Goto("antispoof")),
+                    # A VM interface that left group 2 while still up (a failed
+                    # link-down) must not pass as an uplink.
+                    rule(IfName("in", VIF_NAMES), verdict=Drop(), counter=True),
                     rule(InSet("downstream"), verdict=Drop(), counter=True),
                     rule(InSet("connected"), verdict=Drop(), counter=True),
                 ),
@@ -98,8 +106,13 @@ def antispoof_table(family: Family) -> Table:
             Chain("antispoof", (rule(InSet("allowed"), verdict=Accept()), rule(verdict=Drop(), counter=True))),
             Chain(
                 "downstream-out",
-                (rule(IfGroup("out", VIF_GROUP, negate=True), InSet("connected", "dst"), verdict=Drop(),
-                      counter=True),),
+                (
+                    # Towards a VM's address only through a VM interface: not out of the
+                    # uplink while its route is missing or going (offline), nor for a
+                    # switched-off VM of this netvm (connected).
+                    rule(NOT_TO_VM, InSet("downstream", "dst"), verdict=Drop(), counter=True),
+                    rule(NOT_TO_VM, InSet("connected", "dst"), verdict=Drop(), counter=True),
+                ),
                 Hook("postrouting", "filter", PRIORITY["raw"]),
             ),
         ),

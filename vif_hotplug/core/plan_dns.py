@@ -142,3 +142,14 @@ def plan_dns_ruleset(
 def plan_guard_ruleset(virtual: Sequence[IPv4Address]) -> Ruleset:
     """DNS1/DNS2 rejected, nothing mapped: what ``init`` installs before any upstream is known."""
     return plan_dns_ruleset(virtual, ())
+
+
+def dnat_targets(ruleset: Ruleset) -> tuple[IPv4Address, ...]:
+    """The upstream nameservers a DNS ruleset points DNS1/DNS2 at (none for a guard-only one)."""
+    found: list[IPv4Address] = []
+    for table in ruleset.tables:
+        for chain in table.chains:
+            for r in chain.rules:
+                if isinstance(r.verdict, Dnat):
+                    found.append(IPv4Address(r.verdict.to))
+    return tuple(dict.fromkeys(found))

@@ -96,14 +96,18 @@ class OnlineInputs:
     already_allowed: frozenset[str] = frozenset()
     local_addresses: frozenset[str] = frozenset()
     harden: bool = False
+    #: ``allowed`` elements of this device that this VM does not want (left by a
+    #: previous VM on a device of the same name): removed before the link goes up.
+    stale: tuple[SetElement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class OfflineInputs:
     """Everything ``offline`` of one vif depends on.
 
-    ``networks`` are the VM's addresses: from XenStore, or from this vif's
-    ``allowed`` elements when XenStore has no usable ``ip`` any more.
+    ``networks`` are the VM's addresses: those XenStore lists and those this
+    device's ``allowed`` elements hold (an ``ip`` that changed, or an earlier
+    offline that did not finish, leaves no address behind).
     """
 
     dev: str
@@ -202,6 +206,10 @@ def plan_online(i: OnlineInputs) -> Plan:
     if fresh:
         steps.append(Step("run", ConntrackPurge(fresh)))
     steps.append(Step("ensure", antispoof_ruleset(families_of(link.ipv6_in_kernel))))
+    wanted = {SetElement(_family(n), "allowed", str(n), dev) for n in nets}
+    for e in sorted(set(i.stale) - wanted):
+        steps.append(Step("remove", e))
+        steps.append(Step("run", AddressRelease(e.family, e.network, dev)))
     steps.append(Step("set", LinkGroup(dev, VIF_GROUP)))
     steps += [Step("add", SetElement(_family(n), "allowed", str(n), dev)) for n in nets]
     steps += [Step("add", SetElement(_family(n), "downstream", str(n))) for n in nets]
@@ -241,9 +249,11 @@ def plan_offline(i: OfflineInputs) -> Plan:
             steps.append(Step("remove", DeviceAddress(dev, f"{netvm.gateway}/32")))
         steps.append(Step("set", LinkState(dev, False)))
         steps += [Step("remove", Neighbour(dev, str(n.network_address), "00:00:00:00:00:00")) for n in hosts]
-    steps += [Step("remove", SetElement(_family(n), "allowed", str(n), dev)) for n in networks]
+    # The anti-spoofing of a device that is still up stays: these two need its link down.
+    down = dev if link.exists else None
+    steps += [Step("remove", SetElement(_family(n), "allowed", str(n), dev), requires_down=down) for n in networks]
     if link.exists:
-        steps.append(Step("set", LinkGroup(dev, DEFAULT_GROUP)))
+        steps.append(Step("set", LinkGroup(dev, DEFAULT_GROUP), requires_down=dev))
         keys = ["ipv4/proxy_arp"] + [k for k, _ in ALWAYS4] + ([k for k, _ in HARDEN4] if i.harden else [])
         if link.ipv6_in_kernel:
             keys += ["ipv6/proxy_ndp"] + [k for k, _ in ALWAYS6] + ([k for k, _ in HARDEN6] if i.harden else [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from dataclasses import replace
 from ipaddress import ip_network
@@ -16,11 +17,14 @@ from ipaddress import ip_network
 from ..core.firewall import Family, Ruleset, SetElement, SetName
 from ..core.handlers import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
 from ..core.model import (
+    DEFAULT_GROUP,
     RESTORED_SYSCTLS,
     VIF_GROUP,
     AddressRelease,
+    AddressRoute,
     ConntrackPurge,
     DeviceAddress,
+    KernelModule,
     LinkFacts,
     LinkGroup,
     LinkNetns,
@@ -32,9 +36,11 @@ from ..core.model import (
     Sysctl,
     Veth,
 )
+from ..core.plan_base import families_of
 from ..core.plan_nat import nat_netns
 from .conntrack import purge_conntrack
 from .firewall_backend import FirewallBackend
+from .modules import load_module, module_state
 from .netlink import Links
 from .netns import Namespaces, RtnlFactory, netns_exists
 from .nfnl import Nfnl
@@ -43,12 +49,18 @@ from .sysctl import PROC_SYS, Sysctls, kernel_has_ipv6, read_sysctl
 
 log = logging.getLogger(__name__)
 
+#: ``rtm_scope`` of a route to a destination on the device's own link (linux/rtnetlink.h).
+RT_SCOPE_LINK = 253
+
 
 class KernelHost:
     """Applies plan steps to the kernel of the caller's network namespace (and named ones)."""
 
-    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS, connected_memo: str | None = None) -> None:
+    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS, connected_memo: str | None = None,
+                 tools_path: str | None = None) -> None:
         self.firewall = firewall
+        #: Where the tools this host runs (``modprobe``) are looked up.
+        self._tools_path = tools_path
         #: A file holding what the connected sets were last brought up to.
         self._connected_memo = connected_memo
         self._proc_sys = proc_sys
@@ -74,6 +86,7 @@ class KernelHost:
             Ruleset: EnsureOps(fw.ensure, fw.drift),
             ConntrackPurge: ActionOps(lambda p: self._purge(p.addresses)),
             AddressRelease: ActionOps(self._release),
+            KernelModule: ActionOps(lambda m: load_module(m.name, shutil.which("modprobe", path=self._tools_path))),
         }
 
     def rtnl(self, netns: str | None) -> Rtnl:
@@ -99,7 +112,8 @@ class KernelHost:
 
     def link_facts(self, dev: str, defaults_wanted: bool = True) -> LinkFacts:
         """What planning needs to know of ``dev``; ``defaults`` (what offline restores) costs 14 reads."""
-        exists = self._rtnl.link(dev) is not None
+        link = self._rtnl.link(dev)
+        exists = link is not None
         in_kernel = kernel_has_ipv6(self._proc_sys)
         disabled = not in_kernel
         if in_kernel:
@@ -110,7 +124,8 @@ class KernelHost:
             family, name = key.split("/")
             value = read_sysctl(f"net/{family}/conf/default/{name}", None, self._proc_sys)
             defaults.append((key, value if value is not None else "0"))
-        facts = LinkFacts(exists, disabled, in_kernel, netns_exists(nat_netns(dev)))
+        facts = LinkFacts(exists, disabled, in_kernel, netns_exists(nat_netns(dev)),
+                          link.group if link is not None else DEFAULT_GROUP)
         return replace(facts, sysctl_defaults=tuple(defaults)) if defaults_wanted else facts
 
     def group_members(self, group: int) -> list[str]:
@@ -128,12 +143,33 @@ class KernelHost:
 
     def local_addresses(self, addresses: list[str]) -> frozenset[str]:
         """Those of ``addresses`` that are this host's own (one route lookup each)."""
-        out = set()
+        return frozenset(r.address for r in self.address_routes(addresses) if r.local)
+
+    def address_routes(self, addresses: list[str]) -> tuple[AddressRoute, ...]:
+        """Where each of ``addresses`` would go now (two route lookups each, whatever the number of VMs)."""
+        out = []
         for addr in addresses:
-            found = self._rtnl.route_lookup(addr, fib_match=False)
-            if found is not None and found.type == RTN_LOCAL:
-                out.add(addr)
-        return frozenset(out)
+            if (local := self._rtnl.route_lookup(addr, fib_match=False)) is not None and local.type == RTN_LOCAL:
+                out.append(AddressRoute(addr, local=True))
+                continue
+            found = self._rtnl.route_lookup(addr)
+            link = self._rtnl.link(index=found.oif) if found is not None and found.oif is not None else None
+            if found is None or link is None:
+                out.append(AddressRoute(addr))
+                continue
+            out.append(AddressRoute(addr, False, link.name, link.alias, link.group == VIF_GROUP,
+                                    found.scope == RT_SCOPE_LINK, found.dst_len))
+        return tuple(out)
+
+    @staticmethod
+    def module_loadable(name: str) -> bool:
+        """Whether kernel module ``name`` is in this kernel as a module that nothing loaded yet."""
+        return module_state(name) == "loadable"
+
+    def device_elements(self, dev: str) -> list[SetElement]:
+        """The ``allowed`` elements naming ``dev`` (a listing of the sets: first online and offline only)."""
+        return [e for f in families_of(kernel_has_ipv6(self._proc_sys)) for e in self.firewall.elements(f, "allowed")
+                if e.dev == dev]
 
     def routed_elsewhere(self, network: str, dev: str) -> bool:
         """Whether another VM interface routes exactly ``network`` (one route lookup)."""

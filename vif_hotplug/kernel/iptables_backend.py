@@ -214,7 +214,7 @@ class _Encoder:
         groups: dict[str, str] = {}
         for p in r.match:
             if isinstance(p, IfName):
-                value = ("!" if p.negate else "") + p.name
+                value = ("!" if p.negate else "") + _xt_ifname(p.name)
                 if p.direction == "in":
                     rule.in_interface = value
                 else:
@@ -581,12 +581,17 @@ def _sets_policy(c: Chain, xt_table: str) -> bool:
     return c.hook is not None and xt_table in POLICY_TABLES and c.hook.priority == PRIORITY["filter"]
 
 
+def _xt_ifname(name: str) -> str:
+    """An interface name as xtables writes it: its prefix match is a trailing ``+``, nft's a ``*``."""
+    return name[:-1] + "+" if name.endswith("*") else name
+
+
 def _describe_rule(r: Rule, t: Table, xt_table: str) -> str:
     words: list[str] = []
     for p in r.match:
         neg = "! " if getattr(p, "negate", False) else ""
         if isinstance(p, IfName):
-            words.append(f"{neg}{'-i' if p.direction == 'in' else '-o'} {p.name}")
+            words.append(f"{neg}{'-i' if p.direction == 'in' else '-o'} {_xt_ifname(p.name)}")
         elif isinstance(p, IfGroup):
             words.append(f"-m devgroup {neg}--{'src' if p.direction == 'in' else 'dst'}-group {p.group:#x}")
         elif isinstance(p, Addr):

@@ -79,6 +79,8 @@ class RouteInfo:
     dst_len: int
     oif: int | None
     type: int
+    #: ``RT_SCOPE_LINK`` (253) for a destination on the device's own link (no gateway).
+    scope: int = 0
 
 
 class Rtnl(NetlinkSocket):
@@ -256,12 +258,12 @@ class Rtnl(NetlinkSocket):
         if not replies:
             return None
         payload = replies[0][1]
-        _, dst_len, _, _, _, _, _, rtype, _ = _RTMSG.unpack_from(payload)
+        _, dst_len, _, _, _, _, scope, rtype, _ = _RTMSG.unpack_from(payload)
         found_oif = None
         for t, v in _attrs(payload, _RTMSG.size):
             if t == RTA_OIF:
                 found_oif = struct.unpack_from("=I", v)[0]
-        return RouteInfo(dst_len, found_oif, rtype)
+        return RouteInfo(dst_len, found_oif, rtype, scope)
 
     # --- neighbours ----------------------------------------------------------------------
 
