@@ -200,7 +200,10 @@ def _ipt_rule(args: list[str], family: int, table: str) -> str:
             i += 1
             continue
         if a in ("-i", "-o"):
-            words.append(f"{'iifname' if a == '-i' else 'oifname'} {neg}{args[i + 1]}")
+            name = args[i + 1]
+            # xtables' interface prefix match is a trailing "+", nft's a "*": one form here.
+            name = name[:-1] + "*" if name.endswith("+") else name
+            words.append(f"{'iifname' if a == '-i' else 'oifname'} {neg}{name}")
             i += 2
         elif a in ("-s", "-d"):
             addr = args[i + 1].removesuffix("/32").removesuffix("/128")

@@ -184,22 +184,37 @@ def test_online_with_any_xenstore_value_succeeds_or_refuses_in_one_line_without_
 
 
 @settings(FEW, max_examples=10)
-@given(case=xs_case.filter(lambda c: c[0] != "vifname"))
-def test_offline_with_any_xenstore_value_removes_the_vifs_anti_spoofing_elements(
+@given(case=xs_case)
+@example(case=("vifname", b"lo"))
+@example(case=("ip", b"10.137.0.99 bogus"))
+def test_offline_with_any_xenstore_value_removes_the_vifs_anti_spoofing_elements_and_nothing_elses(
     netvm: Netvm, case: tuple[str, bytes],
 ) -> None:
-    """Offline never refuses for a bad backend value: it removes what the kernel holds for the vif."""
+    """Offline never refuses for a bad backend value: it removes what the kernel holds for the vif,
+    and never acts on a device that is not this vif's (a ``vifname`` naming ``lo`` leaves it up)."""
     key, value = case
     base = netvm.backend(DOMID)
     netvm.hotplug("online", DOMID)
     xs_write_raw(netvm, f"{base}/{key}", value)
+    others = {d: s for d, s in _links(netvm).items() if d != "vif4.0"}
     try:
         proc = netvm.hotplug("offline", DOMID, check=False)
         assert "Traceback" not in proc.stderr, proc.stderr
         assert proc.returncode == 0, proc.stderr
         assert "vif4.0 . 10.137.0.4" not in netvm.members(4, "allowed")
+        assert {d: s for d, s in _links(netvm).items() if d != "vif4.0"} == others
     finally:
         restore_vif(netvm)
+
+
+def _links(netvm: Netvm) -> dict[str, str]:
+    """Every link of the netvm with its flags and group (what an offline could wrongly change)."""
+    out = {}
+    for line in netvm.ns.run("ip", "-o", "link", "show").stdout.splitlines():
+        fields = line.split()
+        group = fields[fields.index("group") + 1] if "group" in fields else "?"
+        out[fields[1].rstrip(":").split("@")[0]] = f"{fields[2]} group {group}"
+    return out
 
 
 @FEW

@@ -134,3 +134,69 @@ print(json.dumps(tables_digest([(4, "filter"), (6, "filter"), (4, "raw")])))
     policy = _in(netns, code)
     assert len({empty, ruled, replaced, policy}) == 4
     assert counted == ruled
+
+
+NETS_SETS = """
+nft add table ip qubes
+nft add set ip qubes allowed '{ type ifname . ipv4_addr; }'
+nft add set ip qubes allowed-nets '{ type ifname . ipv4_addr; flags interval; }'
+nft add set ip qubes downstream '{ type ipv4_addr; }'
+nft add set ip qubes downstream-nets '{ type ipv4_addr; flags interval; }'
+nft add element ip qubes allowed '{ "vif4.0" . 10.137.0.5, "vif12.3" . 10.137.0.6 }'
+nft add element ip qubes allowed-nets '{ "vif7.0" . 10.137.8.0/24 }'
+nft add element ip qubes downstream '{ 10.137.0.5, 10.137.0.6 }'
+nft add element ip qubes downstream-nets '{ 10.137.8.0/24, 10.137.16.0/20 }'
+nft add table ip6 qubes
+nft add set ip6 qubes allowed '{ type ifname . ipv6_addr; }'
+nft add element ip6 qubes allowed '{ "vif4.0" . fd09:24ef:4179::a89:5 }'
+"""
+
+
+def test_an_nftables_set_dump_lists_what_nft_lists_hosts_networks_and_interface_names(netns: Netns) -> None:
+    require_tool("nft")
+    netns.sh(NETS_SETS)
+    got = _in(netns, """
+from vif_hotplug.kernel.nfnl import Nfnl
+from vif_hotplug.kernel.set_dump import nft_members
+n = Nfnl()
+print(json.dumps({name: sorted(map(list, nft_members(n, fam, "qubes", name, name.startswith("allowed"))))
+                  for fam, name in ((4, "allowed"), (4, "allowed-nets"), (4, "downstream"), (4, "downstream-nets"),
+                                    (4, "nosuchset"))} | {"6": sorted(map(list, nft_members(n, 6, "qubes",
+                                                                                         "allowed", True)))}))
+""")
+    assert got == {
+        "allowed": [["10.137.0.5/32", "vif4.0"], ["10.137.0.6/32", "vif12.3"]],
+        "allowed-nets": [["10.137.8.0/24", "vif7.0"]],
+        "downstream": [["10.137.0.5/32", None], ["10.137.0.6/32", None]],
+        "downstream-nets": [["10.137.16.0/20", None], ["10.137.8.0/24", None]],
+        "nosuchset": [],
+        "6": [["fd09:24ef:4179::a89:5/128", "vif4.0"]],
+    }
+
+
+def test_an_ipset_dump_lists_what_ipset_lists(netns: Netns) -> None:
+    require_tool("ipset")
+    netns.sh("ipset create qbs-allowed4 hash:net,iface; ipset add qbs-allowed4 10.137.0.5,vif4.0; "
+             "ipset add qbs-allowed4 10.137.8.0/24,vif7.0; ipset create qbs-downstream6 hash:net family inet6; "
+             "ipset add qbs-downstream6 fd09:24ef:4179::a89:5")
+    got = _in(netns, """
+from vif_hotplug.kernel.nfnl import Nfnl
+from vif_hotplug.kernel.set_dump import ipset_members
+n = Nfnl()
+print(json.dumps([sorted(map(list, ipset_members(n, s))) for s in ("qbs-allowed4", "qbs-downstream6", "nosuch")]))
+""")
+    assert got == [[["10.137.0.5/32", "vif4.0"], ["10.137.8.0/24", "vif7.0"]],
+                   [["fd09:24ef:4179::a89:5/128", None]], []]
+
+
+def test_a_dump_of_a_thousand_elements_comes_back_whole(netns: Netns) -> None:
+    require_tool("nft")
+    netns.sh(QUBES_SETS)
+    elements = ", ".join(f'"vif{i}.0" . 10.137.{i // 250}.{i % 250 + 1}' for i in range(1000))
+    netns.run("nft", f"add element ip qubes allowed {{ {elements} }}")
+    got = _in(netns, """
+from vif_hotplug.kernel.nfnl import Nfnl
+from vif_hotplug.kernel.set_dump import nft_members
+print(json.dumps(len(set(nft_members(Nfnl(), 4, "qubes", "allowed", True)))))
+""")
+    assert got == 1000

@@ -48,9 +48,10 @@ def test_online_sets_up_route_gateway_neighbour_proxy_arp_and_antispoofing(netvm
 
 
 ANTISPOOF4 = {
-    "prerouting": ["iifgroup 2 goto antispoof", "ip saddr @downstream drop", "ip saddr @connected drop"],
+    "prerouting": ["iifgroup 2 goto antispoof", "iifname vif* drop", "ip saddr @downstream drop",
+                   "ip saddr @connected drop"],
     "antispoof": ["iifname . ip saddr @allowed accept", "drop"],
-    "downstream-out": ["ip daddr @connected oifgroup != 2 drop"],
+    "downstream-out": ["ip daddr @downstream oifgroup != 2 drop", "ip daddr @connected oifgroup != 2 drop"],
 }
 
 
@@ -250,14 +251,27 @@ def test_offline_of_one_vif_leaves_the_other_untouched(netvm: Netvm) -> None:
 
 
 def test_offline_keeps_an_address_another_vif_still_owns_in_the_downstream_set(netvm: Netvm) -> None:
-    # A restarted VM briefly has its address on two vifs; the newer domain wins by metric.
+    # A restarted VM briefly has its address on two vifs: the old domain's is being detached
+    # (libxl has set its "online" to 0) when the new one comes up; the newer domain wins by metric.
     netvm.add_vm(4, ["10.137.0.50"])
     netvm.add_vm(7, ["10.137.0.50"])
     netvm.hotplug("online", 4)
+    netvm.xs_write(f"{netvm.backend(4)}/online", "0")
     netvm.hotplug("online", 7)
     netvm.hotplug("offline", 4)
     assert netvm.members(4, "downstream") == ["10.137.0.50"]
     assert "10.137.0.50 dev vif7.0 proto static metric 32745" in netvm.ns.run("ip", "route").stdout
+
+
+def test_a_second_vm_given_an_online_vms_address_is_refused_and_changes_nothing(netvm: Netvm) -> None:
+    netvm.add_vm(4, ["10.137.0.50"])
+    netvm.add_vm(7, ["10.137.0.50"])
+    netvm.hotplug("online", 4)
+    before = netvm.dump()
+    proc = netvm.hotplug("online", 7, check=False)
+    assert proc.returncode == 1 and "already routed to vif4.0" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert netvm.dump() == before and netvm.status(7) == "error"
 
 
 # --- traffic ----------------------------------------------------------------------
@@ -582,7 +596,7 @@ def test_a_foreign_accept_ahead_of_the_antispoofing_lets_no_forged_packet_throug
         # nftables: an accept in another base chain ends only that chain; ours still sees the packet.
         netvm.ns.run("nft", "add table ip foreign; add chain ip foreign pre { type filter hook prerouting "
                      "priority -400; policy accept; }; add rule ip foreign pre accept")
-    netvm.add_vm(5)
+    netvm.add_vm(5, ["10.137.0.6"])
     netvm.hotplug("online", 5)
     vm.ns.run("ip", "addr", "add", "10.137.0.99/32", "dev", "lo")
     got = received(up, f"{UPLINK_NET}.2", netvm.tmp / "uplink.log",

@@ -86,7 +86,7 @@ def run_hooks(h: Hooks, budget: float = HOOKS_BUDGET) -> None:
             try:
                 code = subprocess.run(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    timeout=left, env={**HOOK_ENV, "vif": h.dev}, cwd="/",
+                    timeout=left, env={**HOOK_ENV, "vif": h.dev, **dict(h.environment)}, cwd="/",
                 ).returncode
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log.warning("%s: hook %s %s failed: %s", h.dev, prog, addr, exc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..core.errors import HotplugError, InvalidInput, KernelError, XenStoreUnavailable
 from ..core.firewall import Family, SetElement
@@ -63,12 +63,15 @@ class Outcome:
     changed: tuple[Step, ...] = ()
     error: str | None = None
 
+    #: What the hooks see of the event besides their arguments (see :class:`Hooks`).
+    hook_environment: tuple[tuple[str, str], ...] = ()
+
     @property
     def hooks(self) -> Hooks | None:
         """The hooks to run now: only when this event changed something (a repeat is quiet)."""
-        if self.exit_code != 0 or not self.changed or self.plan is None:
+        if self.exit_code != 0 or not self.changed or self.plan is None or self.plan.hooks is None:
             return None
-        return self.plan.hooks
+        return replace(self.plan.hooks, environment=self.hook_environment)
 
 
 def _family(net: IPNetwork) -> Family:
@@ -186,7 +189,7 @@ def _online(
         if synced is not None:
             synced()
     log.info("%s: online done, %d change(s)", dev, len(applied.changed))
-    return Outcome(0, dev, plan, applied.changed)
+    return Outcome(0, dev, plan, applied.changed, hook_environment=_hook_environment(event, settings))
 
 
 def _offline(
@@ -230,7 +233,15 @@ def _offline(
         if synced is not None:
             synced()
     log.info("%s: offline done, %d change(s)", dev, len(changed))
-    return Outcome(0, dev, plan, tuple(changed))
+    return Outcome(0, dev, plan, tuple(changed), hook_environment=_hook_environment(event, settings))
+
+
+def _hook_environment(event: HotplugEvent, settings: Settings) -> tuple[tuple[str, str], ...]:
+    """The event's toolstack variables, as Qubes' script had them when it ran its hooks."""
+    env = [("XENBUS_PATH", event.xenbus_path)]
+    if settings.xenstore_path:
+        env.append(("XENSTORED_PATH", settings.xenstore_path))
+    return tuple(env)
 
 
 def _offline_device(host: HotplugHost, event: HotplugEvent, vifname: str | None) -> str:

@@ -337,6 +337,9 @@ class Hooks:
     #: One run per address; empty means one run without an address argument.
     addresses: tuple[str, ...]
     directory: str
+    #: The event's own variables the hooks see (``vif``, ``XENBUS_PATH``, ``XENSTORED_PATH``), beside
+    #: a fixed ``PATH``; nothing else of whoever ran the event (:mod:`vif_hotplug.app.hooks`).
+    environment: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         args = " ".join((self.command, self.dev, self.vif_type, *self.addresses))

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..core.errors import KernelError
 from .nfnl import Nfnl
+from .set_dump import ipset_members
 
 
 def _family(fam: int) -> int:
@@ -99,22 +100,8 @@ class IpSets:
         return self._member("test", name, fam, e)
 
     def members(self, name: str) -> list[Entry]:
-        """Every member of set ``name`` (empty if the set does not exist)."""
-        out: list[Entry] = []
+        """Every member of set ``name`` (empty if the set does not exist): one netlink dump."""
         try:
-            for msg in list(self._sock().list(name)):
-                adt = msg.get_attr("IPSET_ATTR_ADT")
-                if not adt:
-                    continue
-                for data in adt.get_attrs("IPSET_ATTR_DATA"):
-                    ip = data.get_attr("IPSET_ATTR_IP_FROM")
-                    addr = ip.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip.get_attr("IPSET_ATTR_IPADDR_IPV6")
-                    cidr = data.get_attr("IPSET_ATTR_CIDR")
-                    if cidr is None:
-                        cidr = 128 if ":" in str(addr) else 32
-                    out.append((f"{addr}/{cidr}", data.get_attr("IPSET_ATTR_IFACE")))
-        except self._error() as exc:
-            if exc.code == errno.ENOENT:  # type: ignore[attr-defined]
-                return []
-            raise KernelError(f"cannot list set {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
-        return out
+            return ipset_members(self._nfnl, name)
+        except OSError as exc:
+            raise KernelError(f"cannot list set {name}: {_describe(exc.errno or 0)}") from exc

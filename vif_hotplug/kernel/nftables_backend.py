@@ -61,6 +61,7 @@ from ..core.plan_base import TABLE
 from .locks import file_lock
 from .netns import thread_netns
 from .nfnl import Nfnl, nft_key
+from .set_dump import nft_members
 from .verified import VerifiedRulesets
 
 log = logging.getLogger(__name__)
@@ -507,16 +508,16 @@ class NftablesBackend:
         raise KernelError(f"cannot look up {e}: {_first_error(err)}")
 
     def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
+        """Every element, over netfilter netlink (:mod:`.set_dump`): one dump per physical set."""
         out: list[SetElement] = []
+        nfnl = self._netlink()
         for physical in (set_name, set_name + NETS_SUFFIX) if set_name in NETWORK_SETS else (set_name,):
-            rc, data, err = self._try([{"list": {"set": {"family": _fam(family), "table": TABLE, "name": physical}}}])
-            if rc != 0:
-                if _missing(err):
-                    continue
-                raise KernelError(f"cannot list set {_fam(family)} {TABLE} {physical}: {_first_error(err)}")
-            for item in data.get("nftables", []):
-                for value in item.get("set", {}).get("elem", []):
-                    out.append(_parse_element(family, set_name, value))
+            try:
+                with thread_netns(self._netns):
+                    members = nft_members(nfnl, family, TABLE, physical, with_ifname=set_name == "allowed")
+            except OSError as exc:
+                raise KernelError(f"cannot list set {_fam(family)} {TABLE} {physical}: {exc.strerror}") from exc
+            out += [SetElement(family, set_name, net, dev) for net, dev in members]
         return out
 
     # --- ownership ------------------------------------------------------------------------
