@@ -86,7 +86,8 @@ def test_online_configures_the_vif_and_reports_connected() -> None:
 
 def test_online_that_changed_something_returns_its_hooks() -> None:
     outcome = event("online", store(), kernel())
-    assert outcome.hooks == Hooks("online", "vif4.0", "vif", ("10.137.0.5", "fd09:24ef:4179::a89:5"), "/hooks")
+    assert outcome.hooks == Hooks("online", "vif4.0", "vif", ("10.137.0.5", "fd09:24ef:4179::a89:5"), "/hooks",
+                                  (("XENBUS_PATH", "backend/vif/4/0"),))
 
 
 def test_second_online_changes_nothing_and_runs_no_hooks() -> None:
