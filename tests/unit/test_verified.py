@@ -71,3 +71,42 @@ def test_a_rulesets_name_is_the_same_in_every_process() -> None:
     names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert names == {ruleset_key(RS) + "\n"}
+
+
+def test_the_record_is_bounded_the_least_recently_verified_going_first() -> None:
+    from vif_hotplug.core.firewall import Ruleset
+    from vif_hotplug.kernel.verified import MAX_RULESETS
+
+    v = VerifiedRulesets()
+    rulesets = [Ruleset(f"r{i}", ()) for i in range(MAX_RULESETS + 5)]
+    for rs in rulesets:
+        v.put(rs, "gen 1")
+    assert not v.holds(rulesets[0], "gen 1")
+    assert all(v.holds(rs, "gen 1") for rs in rulesets[-MAX_RULESETS:])
+
+
+def test_agent_threads_sharing_one_record_lose_nothing(tmp_path: Path) -> None:
+    import threading
+
+    v = VerifiedRulesets(str(tmp_path / "verified.json"))
+    from vif_hotplug.core.firewall import Ruleset
+
+    rulesets = [Ruleset(f"r{i}", ()) for i in range(32)]
+    errors: list[BaseException] = []
+
+    def work(rs: Ruleset) -> None:
+        try:
+            for n in range(50):
+                v.put(rs, f"gen {n}")
+                v.advance(f"gen {n}", f"gen {n}")
+                assert v.holds(rs, f"gen {n}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(rs,)) for rs in rulesets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(json.loads((tmp_path / "verified.json").read_text())) == 32

@@ -47,16 +47,18 @@ class Runtime:
         """The kernel host whose firewall is ``backend``."""
         from ..kernel.firewall_backend import open_backend
         from ..kernel.host import KernelHost
-        from ..kernel.state_files import netns_key, state_file
+        from ..kernel.state_files import netns_key, records_trusted, state_file
 
         # Per namespace too: a state record names the namespace it describes.
         key = (backend, settings.xtables_lock, settings.nftables_lock, netns_key())
         with self._lock:
             host = self._hosts.get(key)
             if host is None:
+                # Without namespace cookies a record cannot tell a reused inode from its own
+                # namespace: the rulesets found complete are then remembered in memory only.
+                verified = state_file(settings.state_dir, f"verified-{backend}") if records_trusted() else None
                 host = KernelHost(open_backend(backend, settings.xtables_lock, settings.nftables_lock,
-                                               settings.lock_timeout,
-                                               state_file(settings.state_dir, f"verified-{backend}")),
+                                               settings.lock_timeout, verified),
                                   connected_memo=state_file(settings.state_dir, f"connected-{backend}"),
                                   tools_path=settings.path)
                 self._hosts[key] = host
