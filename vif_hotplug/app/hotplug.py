@@ -46,6 +46,7 @@ from ..xenstore_env import (
 from .applier import apply_all_or_nothing, apply_best_effort, rollback
 from .connected import source_text
 from .ports import HotplugHost, Lock
+from .qubes_vm import check_vifname, in_qubes_vm
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ def _online(
     vm = backend.vm
     if vm is None:  # read_backend(require=True) never says so
         raise InvalidInput(f"{event.xenbus_path}/ip is missing")
+    if backend.vifname is not None and in_qubes_vm(settings):
+        check_vifname(backend.vifname)
     if settings.conf_error is not None:
         raise InvalidInput(settings.conf_error)
     netvm = resolve_params(settings.conf, qubesdb, xs.read)
