@@ -14,9 +14,9 @@ from vif_hotplug.core.netvm_params import (
     parse_conf,
     resolve_connected,
     resolve_harden,
-    service_enabled,
     resolve_mapped,
     resolve_params,
+    service_enabled,
 )
 from vif_hotplug.core.plan_vif import Mapped
 

@@ -57,7 +57,8 @@ class Runtime:
                 host = KernelHost(open_backend(backend, settings.xtables_lock, settings.nftables_lock,
                                                settings.lock_timeout,
                                                state_file(settings.state_dir, f"verified-{backend}")),
-                                  connected_memo=state_file(settings.state_dir, f"connected-{backend}"))
+                                  connected_memo=state_file(settings.state_dir, f"connected-{backend}"),
+                                  hardening_record=state_file(settings.state_dir, "hardening"))
                 self._hosts[key] = host
             return host
 

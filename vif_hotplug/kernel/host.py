@@ -21,6 +21,7 @@ from ..core.model import (
     AddressRelease,
     ConntrackPurge,
     DeviceAddress,
+    HardeningHold,
     LinkFacts,
     LinkGroup,
     LinkNetns,
@@ -35,6 +36,7 @@ from ..core.model import (
 from ..core.plan_nat import nat_netns
 from .conntrack import purge_conntrack
 from .firewall_backend import FirewallBackend
+from .hardening import FileRecord, HardeningHolds
 from .netlink import Links
 from .netns import Namespaces, RtnlFactory, netns_exists
 from .nfnl import Nfnl
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 class KernelHost:
     """Applies plan steps to the kernel of the caller's network namespace (and named ones)."""
 
-    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS, connected_memo: str | None = None) -> None:
+    def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS, connected_memo: str | None = None,
+                 hardening_record: str | None = None) -> None:
         self.firewall = firewall
         #: A file holding what the connected sets were last brought up to.
         self._connected_memo = connected_memo
@@ -59,6 +62,8 @@ class KernelHost:
         sysctls = Sysctls(proc_sys)
         ns = Namespaces(self._rtnl, self._rtnl_in)
         fw = firewall
+        holds = HardeningHolds(FileRecord(hardening_record), lambda key: read_sysctl(key, None, proc_sys),
+                               lambda key, value: sysctls.set(Sysctl(key, value)), self.exists)
         self.handlers: Handlers = {
             Sysctl: SettingOps(sysctls.set, sysctls.current),
             LinkGroup: SettingOps(links.set_group, links.group),
@@ -74,6 +79,7 @@ class KernelHost:
             Ruleset: EnsureOps(fw.ensure, fw.drift),
             ConntrackPurge: ActionOps(lambda p: self._purge(p.addresses)),
             AddressRelease: ActionOps(self._release),
+            HardeningHold: ObjectOps(holds.add, holds.remove, holds.present),
         }
 
     def rtnl(self, netns: str | None) -> Rtnl:
