@@ -91,11 +91,14 @@ def test_ipv6_input_rejects_all_but_icmpv6_from_vms_and_drops_router_advertiseme
     ]
 
 
-def test_ipv6_off_drops_ip6_forwarding_and_accepts_only_loopback_input(netvm: Netvm) -> None:
+def test_ipv6_off_drops_ip6_forwarding_and_everything_from_vms_but_keeps_the_netvms_own(netvm: Netvm) -> None:
     netvm.tool("init")
     fw = netvm.firewall()
     assert fw.policies[(6, "forward")] == "drop" and fw.policies[(6, "input")] == "drop"
-    assert _counting(fw.chain(6, "input")) == ["iifname lo accept"]
+    assert _counting(fw.chain(6, "input")) == [
+        "jump custom-input", "ct state invalid drop", "iifgroup 2 drop", "ct state established,related accept",
+        "iifname lo accept", "ip6 daddr fe80::/64 ip6 saddr fe80::/64 udp dport 546 accept", "proto icmpv6 accept",
+    ]
 
 
 def test_ipv6_on_masquerades_ipv6(netvm: Netvm) -> None:

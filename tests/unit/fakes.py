@@ -37,6 +37,7 @@ from vif_hotplug.core.model import (
     AddressRoute,
     ConntrackPurge,
     DeviceAddress,
+    HardeningHold,
     KernelModule,
     LinkFacts,
     LinkGroup,
@@ -51,12 +52,20 @@ from vif_hotplug.core.model import (
 )
 from vif_hotplug.core.plan_base import base_ruleset
 from vif_hotplug.core.plan_nat import nat_netns
+from vif_hotplug.kernel.hardening import HardeningHolds
 
 Netname = str | None
 #: Per-interface keys every fake link has (``conf/<dev>/...``).
 LINK_SYSCTLS = (*RESTORED_SYSCTLS, "ipv6/disable_ipv6")
 GLOBAL_SYSCTLS = {
     "net/ipv4/ip_forward": "0",
+    # conf/all as a stock kernel has it (net/ipv4/devinet.c ipv4_devconf, net/ipv6/addrconf.c ipv6_devconf).
+    "net/ipv4/conf/all/accept_source_route": "0",
+    "net/ipv4/conf/all/accept_redirects": "1",
+    "net/ipv4/conf/all/secure_redirects": "1",
+    "net/ipv4/conf/all/send_redirects": "1",
+    "net/ipv6/conf/all/accept_source_route": "0",
+    "net/ipv6/conf/all/accept_dad": "0",
     "net/ipv6/conf/all/forwarding": "0",
     "net/ipv6/conf/all/disable_ipv6": "0",
     "net/ipv6/conf/default/disable_ipv6": "0",
@@ -121,6 +130,10 @@ class FakeKernel:
         self.loadable_modules: set[str] = set()
         self.loaded_modules: list[str] = []
         self._failures: list[tuple[Matcher, BaseException]] = []
+        #: The hardening record (the state file a real host keeps), as text.
+        self.hardening_record: str | None = None
+        self._holds = HardeningHolds(self, lambda key: self.namespaces[None].get(key),
+                                     lambda key, value: self._set_sysctl(Sysctl(key, value)), self.exists)
         self.handlers: Handlers = {
             Sysctl: SettingOps(self._set_sysctl, self._current_sysctl),
             LinkGroup: SettingOps(self._set_group, self._current_group),
@@ -137,7 +150,24 @@ class FakeKernel:
             ConntrackPurge: ActionOps(self._purge),
             AddressRelease: ActionOps(self._release),
             KernelModule: ActionOps(lambda m: self.loaded_modules.append(m.name)),
+            HardeningHold: ObjectOps(self._add_hold, self._remove_hold, self._holds.present),
         }
+
+    # --- the hardening record (kernel.hardening.Record) -------------------------------------
+
+    def read(self) -> str | None:
+        return self.hardening_record
+
+    def write(self, text: str | None) -> None:
+        self.hardening_record = text
+
+    def _add_hold(self, h: HardeningHold) -> bool:
+        self._maybe_fail("add", h)
+        return self._holds.add(h)
+
+    def _remove_hold(self, h: HardeningHold) -> bool:
+        self._maybe_fail("remove", h)
+        return self._holds.remove(h)
 
     # --- building a scene ----------------------------------------------------------------
 
@@ -191,6 +221,7 @@ class FakeKernel:
             "neighbours": self.neighbours,
             "tables": {k: (sorted(t.sets), t.chains) for k, t in self.tables.items()},
             "elements": self.set_elements,
+            "hardening": self.hardening_record,
         })
 
     def elements_of(self, dev: str) -> set[SetElement]:

@@ -206,9 +206,25 @@ def test_services_chain_runs_right_after_dns_dnat() -> None:
 # --- IPv6 off and no IPv6 in the kernel -------------------------------------------------------------------
 
 
-def test_ipv6_off_accepts_only_loopback_input() -> None:
+def test_ipv6_off_drops_everything_from_vms_before_anything_is_accepted() -> None:
+    rules = [r.text(6) for r in chain(CLOSED, 6, "input").rules]
+    first_accept = next(i for i, r in enumerate(rules) if r.endswith("accept"))
+    assert rules.index("iifgroup 2 counter drop") < first_accept
+
+
+def test_ipv6_off_keeps_the_netvms_own_ipv6_input_as_with_ipv6_on() -> None:
+    # Current Qubes loads qubes-ipv6.nft whatever the netvm's IPv6 (Qubes issue 9903): neighbour
+    # discovery, router advertisements and DHCPv6 replies on the uplink still reach the netvm.
     c = chain(CLOSED, 6, "input")
-    assert (c.hook, [r.text(6) for r in c.rules]) == (Hook("input", "filter", 0, "drop"), ["iif lo accept", "counter"])
+    assert (c.hook, [r.text(6) for r in c.rules]) == (Hook("input", "filter", 0, "drop"), [
+        "jump custom-input", "ct state invalid counter drop", "iifgroup 2 counter drop",
+        "ct state established,related accept", "iif lo accept",
+        "ip6 saddr fe80::/64 ip6 daddr fe80::/64 udp dport 546 accept", "meta l4proto ipv6-icmp accept", "counter",
+    ])
+
+
+def test_ipv6_off_keeps_the_administrators_input_chain() -> None:
+    assert chain(CLOSED, 6, "custom-input").kind == "reserved"
 
 
 def test_ipv6_off_forwards_nothing() -> None:
@@ -268,6 +284,13 @@ def test_plan_base_with_ipv6_off_leaves_ipv6_forwarding_alone() -> None:
 def test_plan_base_without_ipv6_in_the_kernel_plans_nothing_ip6() -> None:
     plan = plan_base(True, ipv6_in_kernel=False)
     assert plan.steps == (Step("ensure", IPV4_ONLY_KERNEL), Step("set", Sysctl("net/ipv4/ip_forward", "1")))
+
+
+@pytest.mark.parametrize("ipv6", [True, False], ids=["ipv6 on", "ipv6 off"])
+def test_plan_base_without_forwarding_plans_no_forwarding_sysctl(ipv6: bool) -> None:
+    plan = plan_base(ipv6, forwarding=False)
+    assert plan.steps == (Step("ensure", OPEN if ipv6 else CLOSED),)
+    assert any("qubes-network.service" in n for n in plan.notes)
 
 
 def test_plan_stop_switches_forwarding_off() -> None:

@@ -16,6 +16,7 @@ from vif_hotplug.core.netvm_params import (
     resolve_harden,
     resolve_mapped,
     resolve_params,
+    service_enabled,
 )
 from vif_hotplug.core.plan_vif import Mapped
 
@@ -238,12 +239,12 @@ def test_a_bad_visible_address_in_qubesdb_is_named() -> None:
 @pytest.mark.parametrize(
     ("conf", "db", "harden"),
     [
-        ("[hotplug]\nharden = false\n", {"/qubes-service/harden-network-interfaces": ""}, False),
-        ("[hotplug]\nharden = true\n", {}, True),
-        ("", {"/qubes-service/harden-network-interfaces": ""}, True),
+        ("[hotplug]\nharden = false\n", {"/qubes-service/harden-network-interfaces": "1"}, False),
+        ("[hotplug]\nharden = true\n", {"/qubes-service/harden-network-interfaces": "0"}, True),
+        ("", {"/qubes-service/harden-network-interfaces": "1"}, True),
         ("", {}, False),
     ],
-    ids=["conf off wins", "conf on", "qubes service present", "nothing"],
+    ids=["conf off wins", "conf on wins", "qubes service on", "nothing"],
 )
 def test_harden_follows_conf_then_the_qubes_service(conf: str, db: dict[str, str], harden: bool) -> None:
     assert resolve_harden(parse_conf(conf), reader(db)) is harden
@@ -251,6 +252,22 @@ def test_harden_follows_conf_then_the_qubes_service(conf: str, db: dict[str, str
 
 def test_no_qubesdb_means_no_hardening() -> None:
     assert resolve_harden(None, None) is False
+
+
+@pytest.mark.parametrize("value", ["0", "", "yes", "true", "10", " 1"], ids=repr)
+def test_a_qubes_service_flag_other_than_1_is_off(value: str) -> None:
+    # Qubes' init (vm-systemd/qubes-sysinit.sh) turns a service on for "1" only.
+    assert service_enabled(reader({"/qubes-service/harden-network-interfaces": value}),
+                           "harden-network-interfaces") is False
+
+
+def test_a_qubes_service_flag_of_1_is_on() -> None:
+    assert service_enabled(reader({"/qubes-service/harden-network-interfaces": "1"}),
+                           "harden-network-interfaces") is True
+
+
+def test_hardening_is_off_when_qubesdb_says_0() -> None:
+    assert resolve_harden(None, reader({"/qubes-service/harden-network-interfaces": "0"})) is False
 
 
 # --- NetvmParams ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from vif_hotplug.core.model import (
     AddressRelease,
     ConntrackPurge,
     DeviceAddress,
+    HardeningHold,
     Hooks,
     IPNetwork,
     LinkFacts,
@@ -40,6 +41,8 @@ from vif_hotplug.core.plan_vif import (
     ALWAYS6,
     HARDEN4,
     HARDEN6,
+    HARDEN_ALL4,
+    HARDEN_ALL6,
     Mapped,
     OfflineInputs,
     OnlineInputs,
@@ -283,6 +286,41 @@ def test_hardening_sysctls_follow_the_setting_and_ipv6_on_the_link(
     assert {k: v for k, v in planned.items() if k in keys} == expected
 
 
+def _holds(plan: Plan) -> list[Step]:
+    return [s for s in plan.steps if isinstance(s.target, HardeningHold)]
+
+
+def test_hardening_holds_the_conf_all_keys_the_kernel_combines_with_the_vifs() -> None:
+    (step,) = _holds(online(A4, harden=True))
+    assert step.op == "add" and dict(step.target.keys) == {  # type: ignore[union-attr]
+        f"net/{k.split('/')[0]}/conf/all/{k.split('/')[1]}": v for k, v in HARDEN_ALL4 + HARDEN_ALL6}
+
+
+def test_the_conf_all_side_holds_send_redirects_which_the_kernel_ors_with_the_vifs() -> None:
+    # include/linux/inetdevice.h: IN_DEV_TX_REDIRECTS is IN_DEV_ORCONF, so the vif's 0 alone does nothing.
+    (step,) = _holds(online(A4, harden=True))
+    assert ("net/ipv4/conf/all/send_redirects", "0") in step.target.keys  # type: ignore[union-attr]
+
+
+def test_hardening_holds_no_ipv6_key_without_ipv6_in_the_kernel() -> None:
+    (step,) = _holds(online(A4, harden=True, link=LinkFacts(exists=True, ipv6_disabled=True, ipv6_in_kernel=False)))
+    assert not any("ipv6" in k for k, _ in step.target.keys)  # type: ignore[union-attr]
+
+
+def test_without_hardening_online_holds_nothing() -> None:
+    assert _holds(online(A4)) == []
+
+
+def test_the_hold_comes_before_the_link_goes_up() -> None:
+    plan = online(A4, harden=True)
+    assert plan.steps.index(_holds(plan)[0]) < at(plan, "set", LinkState(DEV, True))
+
+
+@pytest.mark.parametrize("harden", [True, False], ids=["hardened", "not hardened (now)"])
+def test_offline_lets_go_of_the_hold_whatever_the_setting_is_now(harden: bool) -> None:
+    assert _holds(offline(A4, harden=harden)) == [Step("remove", HardeningHold(DEV))]
+
+
 @pytest.mark.parametrize(
     ("link", "planned"),
     [
@@ -492,11 +530,11 @@ def test_offline_removes_the_ipv6_gateway_only_when_the_netvm_has_one() -> None:
 
 
 def test_offline_of_a_vanished_link_lists_only_set_elements_and_releases() -> None:
-    assert {type(t) for t in targets(offline(A4, A6, link=GONE))} == {SetElement, AddressRelease}
+    assert {type(t) for t in targets(offline(A4, A6, link=GONE))} == {SetElement, AddressRelease, HardeningHold}
 
 
 def test_offline_of_a_vanished_link_with_no_known_address_does_nothing() -> None:
-    assert offline(link=GONE).steps == ()
+    assert offline(link=GONE).steps == (Step("remove", HardeningHold(DEV)),)
 
 
 def test_offline_removes_the_nat_namespace_last_when_there_is_one() -> None:

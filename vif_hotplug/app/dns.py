@@ -8,7 +8,12 @@ Exit codes, which the NetworkManager hook and other callers rely on:
 When the rules changed, conntrack entries addressed to a virtual resolver are
 deleted: a UDP "connection" lives on after its rule is gone, so without this
 a VM reusing a source port would keep reaching the previous upstream (for
-example the LAN's resolver after a VPN came up).
+example the LAN's resolver after a VPN came up). Qubes' firewall service is
+then asked to reload (:func:`.qubes_vm.reload_firewall_service`), as Qubes'
+own DNS script does: its per-VM ``specialtarget=dns`` rules accept what goes
+to the nameservers in its ``dns-addr`` set, which it reads again only on
+reload, so without it every VM allowed DNS only would lose name resolution
+when the uplink's resolver changes (Qubes issue 10444).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..core.plan_dns import pair_resolvers, plan_dns_ruleset
 from ..core.resolvers import Upstreams
 from ..kernel.locks import file_lock
 from .applier import apply_all_or_nothing
+from .qubes_vm import reload_firewall_service
 from .settings import Settings
 from .stop import StopOnSignal
 from .upstreams import read_upstreams, watched_files
@@ -102,7 +108,9 @@ def apply_dns(
     """Read the upstreams, plan, print if ``show``, apply unless ``dry_run``.
 
     Returns :data:`EXIT_CHANGED` or :data:`EXIT_UNCHANGED` (0 for a dry
-    run). Idempotent; serialised with other runs by the DNS lock. Raises
+    run). Idempotent; serialised with other runs by the DNS lock. When the
+    rules changed, Qubes' firewall service is asked to reload (never when
+    nothing changed, as Qubes' script exits 100 before it asks). Raises
     ``HotplugError``.
     """
     with file_lock(settings.dns_lock, settings.lock_timeout, "DNS lock"):
@@ -128,6 +136,7 @@ def apply_dns(
     if not mapped and not unchanged:
         log.warning("no upstream nameserver in %s: DNS queries to %s are rejected", upstreams.source, _addrs(virtual))
     forget_flows(virtual)
+    reload_firewall_service(settings, "the DNS DNAT changed")
     return EXIT_CHANGED
 
 

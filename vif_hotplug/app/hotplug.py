@@ -47,6 +47,7 @@ from ..xenstore_env import (
 from .applier import apply_all_or_nothing, apply_best_effort, rollback
 from .connected import source_text
 from .ports import HotplugHost, Lock
+from .qubes_vm import check_vifname, in_qubes_vm
 from .settings import Settings
 from .upstreams_record import read_recorded_upstreams
 
@@ -143,6 +144,8 @@ def _online(
     backend = read_backend(xs, event.xenbus_path, require=True)
     vm = backend.vm
     assert vm is not None  # read_backend(require=True) raises instead
+    if backend.vifname is not None and in_qubes_vm(settings):
+        check_vifname(backend.vifname)
     if settings.conf_error is not None:
         raise InvalidInput(settings.conf_error)
     netvm = resolve_params(settings.conf, qubesdb, xs.read)

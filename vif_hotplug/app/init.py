@@ -7,7 +7,10 @@ In order, each step idempotent:
    resolver is known) and the connected addresses, then forwarding on:
    firewall first, fail closed.
    The DNS rules are the DNS tool's, for the upstreams read now (DNS1/DNS2
-   only rejected when they cannot be read);
+   only rejected when they cannot be read); when they changed, Qubes'
+   firewall service is asked to reload, as after the DNS tool. In a Qubes
+   VM forwarding is left to Qubes' network service, which systemd starts
+   after Qubes' firewall service;
 2. ``reconcile``: every vif XenStore lists as online and whose device exists
    is brought to its desired state, and what this package holds for vifs
    that are gone is removed, so a netvm that restarts its networking comes
@@ -33,6 +36,7 @@ from .backend_state import Marker, other, read_marker, write_marker
 from .dns import forget_flows
 from .netvm_plan import dns_ruleset, netvm_params, plan_init
 from .ports import HotplugHost, Lock
+from .qubes_vm import reload_firewall_service
 from .reconcile import reconcile
 from .settings import Settings
 from .upstreams_record import record_upstreams
@@ -98,6 +102,7 @@ def initialize(
             changes = len(applied.changed)
             if any(s.target.what == "dns" for s in applied.changed if isinstance(s.target, Ruleset)):
                 forget_flows(params.virtual_dns)
+                reload_firewall_service(settings, "init changed the DNS rules")
             for step in plan.steps:
                 if isinstance(step.target, Ruleset) and step.target.what == "dns":
                     record_upstreams(settings, dnat_targets(step.target))

@@ -19,6 +19,7 @@ from ..core.plan_base import families_of, plan_base
 from ..core.plan_connected import connected_steps
 from ..core.plan_dns import plan_dns_ruleset, plan_guard_ruleset
 from .ports import HotplugHost
+from .qubes_vm import in_qubes_vm
 from .settings import Settings
 from .upstreams import read_upstreams
 
@@ -70,9 +71,11 @@ def plan_init(
     """The firewall, the DNS rules, the connected sets and the forwarding sysctls, in order.
 
     The DNS rules go in before forwarding does: a VM's query to DNS1/DNS2 is
-    never forwarded out of the uplink as it is.
+    never forwarded out of the uplink as it is. In a Qubes VM forwarding is
+    not planned at all: Qubes' network service turns it on once Qubes'
+    firewall service has its per-VM drop policy in place.
     """
-    base = plan_base(params.ipv6, ipv6_in_kernel)
+    base = plan_base(params.ipv6, ipv6_in_kernel, forwarding=not in_qubes_vm(settings))
     steps = list(base.steps)
     notes = list(base.notes)
     if dns is not None:

@@ -60,7 +60,8 @@ class Runtime:
                 host = KernelHost(open_backend(backend, settings.xtables_lock, settings.nftables_lock,
                                                settings.lock_timeout, verified),
                                   connected_memo=state_file(settings.state_dir, f"connected-{backend}"),
-                                  tools_path=settings.path)
+                                  tools_path=settings.path,
+                                  hardening_record=state_file(settings.state_dir, "hardening"))
                 self._hosts[key] = host
             return host
 

@@ -176,6 +176,26 @@ class Sysctl:
         return f"sysctl {self.key.replace('/', '.')}={self.value}{_in(self.netns)}"
 
 
+@dataclass(frozen=True, slots=True)
+class HardeningHold:
+    """Vif ``dev`` holds the netvm-wide side of its hardening.
+
+    Each ``(key, value)`` of ``keys`` (``net/ipv4/conf/all/send_redirects``,
+    ``0``) is a ``conf/all`` sysctl the kernel combines with the interface's
+    own: it is set while any vif holds it, and when the last holder lets go
+    it is put back, only where this package changed it and nobody changed it
+    since. A removal carries no keys: it puts back what was recorded.
+    """
+
+    dev: str
+    keys: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.keys:
+            return f"hardening hold of {self.dev} (conf/all put back when it is the last)"
+        return f"hardening hold of {self.dev}: " + ", ".join(f"{k.replace('/', '.')}={v}" for k, v in self.keys)
+
+
 def dev_sysctl(key: str, dev: str, value: str, netns: str | None = None) -> Sysctl:
     """``key`` as in :data:`RESTORED_SYSCTLS` (``ipv4/proxy_arp``) on interface ``dev``."""
     family, name = key.split("/")
@@ -363,7 +383,7 @@ class Step:
     op: Op
     target: (
         Sysctl | LinkGroup | LinkState | LinkRename | Neighbour | Route | DeviceAddress | Netns | LinkNetns | Veth
-        | ConntrackPurge | AddressRelease | KernelModule | SetElement | Ruleset
+        | ConntrackPurge | AddressRelease | KernelModule | SetElement | Ruleset | HardeningHold
     )
     requires_down: str | None = None
 

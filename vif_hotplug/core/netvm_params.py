@@ -20,7 +20,7 @@ Each value has its own order of sources, first that has it wins:
   ``/mapped-ip/<ip>/visible-ip`` and ``visible-gateway`` (XenStore paths
   cannot hold the dots of an address);
 * hardening: netvm.conf ``harden``, QubesDB
-  ``/qubes-service/harden-network-interfaces`` present.
+  ``/qubes-service/harden-network-interfaces`` = ``1`` (:func:`service_enabled`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ QUBES_NAMES = {
 }
 CONNECTED_QUBESDB = {4: "/connected-ips", 6: "/connected-ips6"}
 CONNECTED_XENSTORE = {4: "qubes-connected-ips", 6: "qubes-connected-ips6"}
-HARDEN_SERVICE = "/qubes-service/harden-network-interfaces"
+SERVICE_PREFIX = "/qubes-service/"
+HARDEN_SERVICE = SERVICE_PREFIX + "harden-network-interfaces"
 _NETVM_KEYS = {*KEYS, "ipv6", "connected_ips", "connected_ips6"}
 
 #: Reads one key of a source; ``None`` when the key is absent.
@@ -258,7 +259,23 @@ def resolve_mapped(conf: NetvmConf | None, qubesdb: Reader | None, real_ip: IPv4
     return found
 
 
+def service_enabled(qubesdb: Reader | None, name: str) -> bool:
+    """Whether the Qubes service ``name`` is on: QubesDB ``/qubes-service/<name>`` is ``1``.
+
+    As Qubes' own init reads it (``vm-systemd/qubes-sysinit.sh`` turns a
+    service on for ``1`` and off for ``0`` and ignores any other value):
+    ``0``, an empty value, anything else, an absent key and no QubesDB all
+    mean off. (Qubes' vif script takes any non-empty value for on, ``0``
+    included; its init, which starts the services, is the one followed.)
+    """
+    if qubesdb is None:
+        return False
+    value = qubesdb(SERVICE_PREFIX + name)
+    return value == "1"
+
+
 def resolve_harden(conf: NetvmConf | None, qubesdb: Reader | None) -> bool:
+    """netvm.conf ``harden`` when it says, else the Qubes service ``harden-network-interfaces``."""
     if conf is not None and conf.harden is not None:
         return conf.harden
-    return qubesdb is not None and qubesdb(HARDEN_SERVICE) is not None
+    return service_enabled(qubesdb, HARDEN_SERVICE.removeprefix(SERVICE_PREFIX))

@@ -208,14 +208,42 @@ def _open_table(family: Family) -> Table:
     return Table(family, TABLE, tuple(chains))
 
 
+def _closed_input6() -> Chain:
+    """IPv6 off: the netvm's own IPv6 on its other interfaces as with it on, nothing from VMs.
+
+    Current Qubes loads its whole ``qubes-ipv6.nft`` whether or not the netvm
+    forwards IPv6 (``network/qubes-iptables`` compares ``$ipt`` with
+    ``ip6tables`` where it passes ``ipv6``, so ``qubes-ipv6-disabled.nft`` is
+    never chosen): a sys-net whose uplink has native IPv6 keeps neighbour
+    discovery, router advertisements and its DHCPv6 client there (Qubes issue
+    9903). Only what comes from VM interfaces is dropped here, before the
+    conntrack shortcut, so no VM reaches the netvm over IPv6 at all.
+    """
+    return Chain(
+        "input",
+        (
+            rule(verdict=Jump(CUSTOM_INPUT)),
+            INVALID,
+            rule(FROM_VM, verdict=Drop(), counter=True),
+            ESTABLISHED,
+            rule(FROM_LO, verdict=Accept()),
+            rule(Addr("src", LINK_LOCAL6), Addr("dst", LINK_LOCAL6), DPort("udp", DHCP6_CLIENT_PORT),
+                 verdict=Accept()),
+            rule(Proto("icmpv6"), verdict=Accept()),
+            rule(counter=True),
+        ),
+        Hook("input", "filter", PRIORITY["filter"], "drop"),
+    )
+
+
 def _closed_table6() -> Table:
-    """IPv6 off: nothing is forwarded, only ``lo`` may talk to the netvm."""
+    """IPv6 off: nothing is forwarded and VMs reach nothing; the netvm's own uplink IPv6 works."""
     return Table(
         6,
         TABLE,
         (
-            Chain("input", (rule(FROM_LO, verdict=Accept()), rule(counter=True)),
-                  Hook("input", "filter", PRIORITY["filter"], "drop")),
+            Chain(CUSTOM_INPUT, kind="reserved"),
+            _closed_input6(),
             Chain("forward", (rule(counter=True),), Hook("forward", "filter", PRIORITY["filter"], "drop")),
             # Left from a time IPv6 was on: gone, so nothing is NATed or special-cased.
             Chain("postrouting", kind="absent"),
@@ -227,8 +255,9 @@ def _closed_table6() -> Table:
 def base_ruleset(ipv6: bool, ipv6_in_kernel: bool = True) -> Ruleset:
     """The whole firewall ``init`` installs: anti-spoofing plus NAT, input and forward.
 
-    ``ipv6``: the netvm forwards IPv6; when off, ip6 forwarding is dropped
-    and only ``lo`` input accepted. ``ipv6_in_kernel``: when false nothing
+    ``ipv6``: the netvm forwards IPv6; when off, ip6 forwarding is dropped,
+    nothing from a VM interface is accepted, and the netvm's own IPv6 on its
+    other interfaces is filtered as with IPv6 on. ``ipv6_in_kernel``: when false nothing
     ip6 is planned (the kernel has no ip6 firewall).
     """
     parts = [antispoof_ruleset(families_of(ipv6_in_kernel)), Ruleset("", (_open_table(4),))]
@@ -243,21 +272,32 @@ class BasePlan:
     notes: tuple[str, ...] = ()
 
 
-def plan_base(ipv6: bool, ipv6_in_kernel: bool = True) -> BasePlan:
+def plan_base(ipv6: bool, ipv6_in_kernel: bool = True, forwarding: bool = True) -> BasePlan:
     """Firewall first (fail closed), then forwarding on.
 
     IPv6 forwarding is only ever switched on here, never off: with IPv6 off
     the ip6 forward policy already drops everything, and the sysctl may
     matter to something else on this machine (``stop`` switches it off).
+
+    ``forwarding`` false (a Qubes VM): the sysctls are left to Qubes'
+    ``qubes-network.service`` (``network-proxy-setup.sh``), which systemd
+    starts after ``qubes-firewall.service`` (``Before=qubes-network.service``
+    in the firewall's unit), so no VM is forwarded before the firewall
+    service's per-VM drop policy exists.
     """
-    steps = [Step("ensure", base_ruleset(ipv6, ipv6_in_kernel)), Step("set", Sysctl("net/ipv4/ip_forward", "1"))]
+    steps = [Step("ensure", base_ruleset(ipv6, ipv6_in_kernel))]
     notes: list[str] = []
+    if forwarding:
+        steps.append(Step("set", Sysctl("net/ipv4/ip_forward", "1")))
+    else:
+        notes.append("forwarding left to Qubes' qubes-network.service (it starts after qubes-firewall.service)")
     if not ipv6_in_kernel:
         notes.append("the kernel has no IPv6: nothing ip6 planned")
-    elif ipv6:
+    elif ipv6 and forwarding:
         steps.append(Step("set", Sysctl("net/ipv6/conf/all/forwarding", "1")))
-    else:
-        notes.append("netvm IPv6 is off: ip6 forwarding dropped, ip6 input only from lo")
+    elif not ipv6:
+        notes.append("netvm IPv6 is off: ip6 forwarding dropped, nothing from VMs, the netvm's own IPv6 "
+                     "elsewhere as current Qubes")
     return BasePlan(tuple(steps), tuple(notes))
 
 

@@ -19,6 +19,7 @@ from .model import (
     AddressRelease,
     ConntrackPurge,
     DeviceAddress,
+    HardeningHold,
     Hooks,
     IPNetwork,
     LinkFacts,
@@ -53,6 +54,31 @@ HARDEN6 = (
     ("ipv6/accept_dad", "0"),
     ("ipv6/autoconf", "0"),
     ("ipv6/drop_unicast_in_l2_multicast", "1"),
+)
+#: The hardening keys whose ``conf/all`` value the kernel combines with the
+#: interface's, set there too (as current Qubes does: its vif script runs
+#: systemd-sysctl on 81-qubes.conf.optional with the prefixes
+#: net/ipv{4,6}/conf/all besides the vif's). From include/linux/inetdevice.h:
+#: send_redirects and secure_redirects are all OR interface (IN_DEV_ORCONF),
+#: so the vif's 0 alone changes nothing while all is 1 (the kernel's
+#: default); accept_redirects is all AND interface while the interface
+#: forwards, all OR interface while it does not (IN_DEV_RX_REDIRECTS);
+#: accept_source_route is all AND interface (IN_DEV_SOURCE_ROUTE). IPv6:
+#: accept_source_route is min(all, interface) (net/ipv6/exthdrs.c
+#: ipv6_rthdr_rcv), and duplicate address detection runs when either
+#: accept_dad is 1 or more (net/ipv6/addrconf.c addrconf_dad_begin; Qubes'
+#: file sets all.accept_dad=0 as "must be set system-wide"). The other keys
+#: are read per interface only (drop_unicast_in_l2_multicast is all OR
+#: interface, which the vif's 1 already wins).
+HARDEN_ALL4 = (
+    ("ipv4/accept_source_route", "0"),
+    ("ipv4/accept_redirects", "0"),
+    ("ipv4/secure_redirects", "0"),
+    ("ipv4/send_redirects", "0"),
+)
+HARDEN_ALL6 = (
+    ("ipv6/accept_source_route", "-1"),
+    ("ipv6/accept_dad", "0"),
 )
 #: Current Qubes sets this on every interface: a VM must not claim addresses by unsolicited NA.
 ALWAYS6 = (("ipv6/drop_unsolicited_na", "1"),)
@@ -145,6 +171,11 @@ def _gateway6_applies(vm_v6: tuple[IPv6Network, ...], netvm: NetvmParams, link: 
     return None
 
 
+def _hardening_hold(dev: str, ipv6_in_kernel: bool) -> HardeningHold:
+    keys = HARDEN_ALL4 + (HARDEN_ALL6 if ipv6_in_kernel else ())
+    return HardeningHold(dev, tuple((f"net/{k.replace('/', '/conf/all/', 1)}", v) for k, v in keys))
+
+
 def _check(i: OnlineInputs) -> None:
     if i.vm.ipv4 and i.netvm.gateway is None:
         raise InvalidInput("no netvm gateway configured (netvm.conf, QubesDB or XenStore qubes-netvm-gateway)")
@@ -202,6 +233,8 @@ def plan_online(i: OnlineInputs) -> Plan:
     if link.ipv6_in_kernel:
         sysctls += list(ALWAYS6) + (list(HARDEN6) if i.harden and ipv6_on_link else [])
     steps += [Step("set", dev_sysctl(k, dev, v)) for k, v in sysctls]
+    if i.harden:
+        steps.append(Step("add", _hardening_hold(dev, link.ipv6_in_kernel)))
     fresh = tuple(str(n.network_address) for n in hosts if str(n) not in i.already_allowed)
     if fresh:
         steps.append(Step("run", ConntrackPurge(fresh)))
@@ -258,6 +291,8 @@ def plan_offline(i: OfflineInputs) -> Plan:
         if link.ipv6_in_kernel:
             keys += ["ipv6/proxy_ndp"] + [k for k, _ in ALWAYS6] + ([k for k, _ in HARDEN6] if i.harden else [])
         steps += [Step("set", dev_sysctl(k, dev, link.default(k))) for k in keys]
+    # Whatever ``harden`` says now: a hold taken while it was on is let go too.
+    steps.append(Step("remove", HardeningHold(dev)))
     # Last, so no packet of the VM re-creates a conntrack entry behind the purge.
     steps += [Step("run", AddressRelease(_family(n), str(n), dev)) for n in networks]
     if link.nat_namespace:

@@ -24,6 +24,7 @@ from ..core.model import (
     AddressRoute,
     ConntrackPurge,
     DeviceAddress,
+    HardeningHold,
     KernelModule,
     LinkFacts,
     LinkGroup,
@@ -40,6 +41,7 @@ from ..core.plan_base import families_of
 from ..core.plan_nat import nat_netns
 from .conntrack import purge_conntrack
 from .firewall_backend import FirewallBackend
+from .hardening import FileRecord, HardeningHolds
 from .modules import load_module, module_state
 from .netlink import Links
 from .netns import Namespaces, RtnlFactory, netns_exists
@@ -57,7 +59,7 @@ class KernelHost:
     """Applies plan steps to the kernel of the caller's network namespace (and named ones)."""
 
     def __init__(self, firewall: FirewallBackend, proc_sys: str = PROC_SYS, connected_memo: str | None = None,
-                 tools_path: str | None = None) -> None:
+                 tools_path: str | None = None, hardening_record: str | None = None) -> None:
         self.firewall = firewall
         #: Where the tools this host runs (``modprobe``) are looked up.
         self._tools_path = tools_path
@@ -71,6 +73,8 @@ class KernelHost:
         sysctls = Sysctls(proc_sys)
         ns = Namespaces(self._rtnl, self._rtnl_in)
         fw = firewall
+        holds = HardeningHolds(FileRecord(hardening_record), lambda key: read_sysctl(key, None, proc_sys),
+                               lambda key, value: sysctls.set(Sysctl(key, value)), self.exists)
         self.handlers: Handlers = {
             Sysctl: SettingOps(sysctls.set, sysctls.current),
             LinkGroup: SettingOps(links.set_group, links.group),
@@ -87,6 +91,7 @@ class KernelHost:
             ConntrackPurge: ActionOps(lambda p: self._purge(p.addresses)),
             AddressRelease: ActionOps(self._release),
             KernelModule: ActionOps(lambda m: load_module(m.name, shutil.which("modprobe", path=self._tools_path))),
+            HardeningHold: ObjectOps(holds.add, holds.remove, holds.present),
         }
 
     def rtnl(self, netns: str | None) -> Rtnl:
