@@ -35,7 +35,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().with_name("_runner.py")
 WRAPPER = REPO / "etc/xen/scripts/vif-route-qubes"
-CLIENT = REPO / "vif_hotplug/agent/client.py"
 XEN_VIF_ROUTE = Path("/etc/xen/scripts/vif-route")
 NETBACK_MAC = "fe:ff:ff:ff:ff:ff"
 GATEWAY = "10.137.0.1"
@@ -316,32 +315,33 @@ CONSOLE_SCRIPT = """#!{python}
 # -*- coding: utf-8 -*-
 import re
 import sys
-from {module} import main
+from vif_hotplug.entry import {function} as main
 if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
     sys.exit(main())
 """
-#: What install.sh puts on PATH (/usr/local/bin): the thin client under ``python3 -I -S``.
+#: What the Debian package puts on PATH (/usr/bin): the thin client under ``python3 -I -S``,
+#: imported from the directory that holds the package.
 PATH_WRAPPER = """#!/bin/sh
-exec "{prefix}/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; import vif_hotplug_client; \
-vif_hotplug_client.main()' "{prefix}/libexec" {tool} "$@"
+exec "{prefix}/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; \
+from vif_hotplug.agent import client; client.main()' "{site}" {tool} "$@"
 """
-ENTRY_POINTS = {"vif-route-qubes": "vif_hotplug.vif_route", "vif-hotplug": "vif_hotplug.cli",
-                "qubes-setup-dnat-to-ns": "vif_hotplug.setup_dnat_to_ns"}
+ENTRY_POINTS = {"vif-route-qubes": "vif_route_qubes", "vif-hotplug": "vif_hotplug",
+                "qubes-setup-dnat-to-ns": "qubes_setup_dnat_to_ns"}
 
 
 class Run:
     """One benchmark run: its id, temp dir, emulated install prefix and cleanup.
 
     The product is run from an install prefix in the run's temp dir, laid out
-    as install.sh lays out /opt/vif-hotplug (a virtualenv with the package,
-    the console scripts, ``libexec/vif_hotplug_client.py``, and the
-    ``/etc/xen/scripts`` wrapper). By default (``live=False``) the package in
+    as an install does (a virtualenv with the package, the console scripts,
+    the thin wrappers on PATH, and the ``/etc/xen/scripts`` wrapper pointed at
+    this prefix's interpreter and package directory). By default (``live=False``) the package in
     it is a byte-compiled copy of the work tree taken when the run starts, as
     ``pip install .`` would make: the agent imports lazily, and a package
     being edited while a benchmark runs would otherwise mix two versions in
-    one process. ``live=True`` links the work tree itself (``client.py``, the
-    wrapper, ``.venv``'s console scripts and its editable install) instead.
+    one process. ``live=True`` uses the work tree itself (the wrappers import
+    the package from it, ``.venv``'s console scripts and its editable install).
     """
 
     def __init__(self, cleanup: Cleanup, venv_python: str, live: bool = False) -> None:
@@ -357,50 +357,48 @@ class Run:
         #: The product's interpreter and console scripts.
         self.python = str(self.prefix / "bin/python3")
         self.bin = Path(venv_python).parent if live else self.prefix / "bin"
-        self.wrapper = WRAPPER if live else self.prefix / "vif-route-qubes"
-        self.client = self.prefix / "libexec/vif_hotplug_client.py"
+        self.wrapper = self.prefix / "vif-route-qubes"
 
     def _install_prefix(self) -> None:
-        """PREFIX/bin/python3, PREFIX/libexec/vif_hotplug_client.py, a virtualenv (pyvenv.cfg, lib).
+        """PREFIX/bin/python3, a virtualenv (pyvenv.cfg, lib) with the package, and the wrappers.
 
         A bare ``bin/python3`` link would not be a virtualenv (Python finds
         ``pyvenv.cfg`` next to the link's own directory, not the target's),
         and the client's in-process fallback (``python3 -I -m
-        vif_hotplug.vif_route``) would miss the package: so ``pyvenv.cfg``
-        and the site-packages come along.
+        vif_hotplug.entry``) would miss the package: so ``pyvenv.cfg`` and the
+        site-packages come along.
         """
         venv = Path(self.venv_python).parent.parent
         p = self.prefix
         (p / "bin").mkdir(parents=True)
-        (p / "libexec").mkdir()
         os.symlink(self.venv_python, p / "bin/python3")
         shutil.copy(venv / "pyvenv.cfg", p / "pyvenv.cfg")
+        if self.live:
+            os.symlink(venv / "lib", p / "lib")
+            site = REPO
+        else:
+            src_site = next((venv / "lib").glob("python3.*/site-packages"))
+            site = p / "lib" / src_site.parent.name / "site-packages"
+            site.mkdir(parents=True)
+            for entry in src_site.iterdir():
+                if entry.name.startswith(("__editable__", "vif_hotplug", "vif-hotplug")):
+                    continue  # the editable install of the work tree: replaced by the copy below
+                os.symlink(entry, site / entry.name)
+            shutil.copytree(REPO / "vif_hotplug", site / "vif_hotplug",
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            sh(self.venv_python, "-m", "compileall", "-q", str(site / "vif_hotplug"))
+            for name, function in ENTRY_POINTS.items():
+                script = p / "bin" / name
+                script.write_text(CONSOLE_SCRIPT.format(python=p / "bin/python3", function=function))
+                script.chmod(0o755)
         (p / "path").mkdir()
         for tool in ENTRY_POINTS:
             wrapper = p / "path" / tool
-            wrapper.write_text(PATH_WRAPPER.format(prefix=p, tool=tool))
+            wrapper.write_text(PATH_WRAPPER.format(prefix=p, site=site, tool=tool))
             wrapper.chmod(0o755)
-        if self.live:
-            os.symlink(CLIENT, p / "libexec/vif_hotplug_client.py")
-            os.symlink(venv / "lib", p / "lib")
-            return
-        src_site = next((venv / "lib").glob("python3.*/site-packages"))
-        site = p / "lib" / src_site.parent.name / "site-packages"
-        site.mkdir(parents=True)
-        for entry in src_site.iterdir():
-            if entry.name.startswith(("__editable__", "vif_hotplug", "vif-hotplug")):
-                continue  # the editable install of the work tree: replaced by the copy below
-            os.symlink(entry, site / entry.name)
-        shutil.copytree(REPO / "vif_hotplug", site / "vif_hotplug",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        sh(self.venv_python, "-m", "compileall", "-q", str(site / "vif_hotplug"))
-        shutil.copy(site / "vif_hotplug/agent/client.py", p / "libexec/vif_hotplug_client.py")
-        sh(self.venv_python, "-m", "compileall", "-q", str(p / "libexec"))
-        shutil.copy(WRAPPER, p / "vif-route-qubes")
-        for name, module in ENTRY_POINTS.items():
-            script = p / "bin" / name
-            script.write_text(CONSOLE_SCRIPT.format(python=p / "bin/python3", module=module))
-            script.chmod(0o755)
+        xen = WRAPPER.read_text().replace("/usr/bin/python3", str(p / "bin/python3"))
+        (p / "vif-route-qubes").write_text(xen.replace("/usr/lib/python3/dist-packages", str(site)))
+        (p / "vif-route-qubes").chmod(0o755)
 
     def netns(self, role: str) -> Netns:
         ns = Netns(f"vhb{self.id}-{role}")
@@ -585,8 +583,7 @@ class Netvm:
 
     def wrapper(self, command: str, domid: int, agent: bool = True, **extra: str) -> dict[str, Any]:
         """The toolstack's call of /etc/xen/scripts/vif-route-qubes (the wrapper, from the emulated prefix)."""
-        env = self.toolstack_env(domid, "/etc/xen/scripts/vif-route-qubes",
-                                 VIF_HOTPLUG_PREFIX=str(self.run_.prefix), **extra)
+        env = self.toolstack_env(domid, "/etc/xen/scripts/vif-route-qubes", **extra)
         if not agent:
             env["VIF_HOTPLUG_AGENT"] = "off"
         return {"argv": [str(self.run_.wrapper), command, "type_if=vif"], "env": env,

@@ -43,14 +43,15 @@ from vif_hotplug.agent.server import configure_logging
 configure_logging()
 from vif_hotplug.vif_route import run
 from vif_hotplug.app.runtime import Runtime
+from vif_hotplug.app.settings import AGENT_LOCK_TIMEOUT
 
 class Logs:
     def verbose(self, level): pass
     def tag(self, tag): pass
 
-rt = Runtime()
+rt = Runtime(lock_timeout=AGENT_LOCK_TIMEOUT, role="agent")
 def ev(cmd):
-    code, after = run([cmd, "type_if=vif"], env, rt, Logs(), lambda s: None, in_agent=True)
+    code, after = run([cmd, "type_if=vif"], env, rt, Logs(), lambda s: None)
     assert code == 0, (cmd, code)
     if after is not None:
         after()

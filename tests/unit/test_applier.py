@@ -410,9 +410,3 @@ def test_an_action_step_runs_each_time() -> None:
     apply_all_or_nothing(steps, Host(), DEV)
     apply_all_or_nothing(steps, Host(), DEV)
     assert ran == ["10.137.0.5", "10.137.0.5"]
-
-
-def test_link_facts_of_the_fake_match_the_kernel_defaults() -> None:
-    # A guard on the fake itself: offline restores these values.
-    facts = kernel().link_facts(DEV)
-    assert isinstance(facts, LinkFacts) and facts.default("ipv6/accept_ra") == "1"

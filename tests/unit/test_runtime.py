@@ -16,8 +16,12 @@ PLAN = plan_online(OnlineInputs(
 ))
 
 
-def test_without_a_host_every_step_prints_as_its_own_lines() -> None:
-    assert plan_text(PLAN) == PLAN.lines()
+def test_without_a_host_every_step_prints_as_logs_show_it_and_a_ruleset_as_its_intent() -> None:
+    lines = plan_text(PLAN)
+    assert lines[0] == "sysctl net.ipv4.conf.vif4.0.proxy_arp=1"
+    assert "link vif4.0 group 2" in lines and "add route 10.137.0.5/32 dev vif4.0 metric 32748" in lines
+    assert "firewall antispoof:" in lines and "  set ip qubes allowed" in lines  # backend-neutral intent
+    assert lines.index("link vif4.0 group 2") < lines.index("link vif4.0 up")
 
 
 def test_with_a_host_a_ruleset_prints_in_the_backends_own_syntax() -> None:

@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from ..core.errors import HotplugError, InvalidInput
-from ..core.firewall import Family, SetElement
+from ..core.firewall import Family, Ruleset, SetElement
 from ..core.handlers import StepHook
 from ..core.model import AddressRelease, Plan, Step
 from ..core.netvm_params import Reader
@@ -44,6 +44,7 @@ from .hooks import run_hooks
 from .hotplug import handle_event
 from .netvm_plan import dns_ruleset, netvm_params, plan_init
 from .ports import Lock, NetvmHost
+from .qubes_vm import reload_firewall_service
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,12 @@ def _reconcile_base(
         plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read, dns_ruleset(params, resolv_conf))
         result.plans.append(plan)
         if not dry_run:
-            result.changes += len(apply_all_or_nothing(plan.steps, host, "reconcile", on_step).changed)
+            changed = apply_all_or_nothing(plan.steps, host, "reconcile", on_step).changed
+            result.changes += len(changed)
             host.record_connected(None)  # the next event compares the connected sets in full again
+            if any(isinstance(s.target, Ruleset) and s.target.what == "dns" for s in changed):
+                # As after the DNS tool: Qubes' firewall service re-reads the resolvers.
+                reload_firewall_service(settings, "reconcile restored the DNS rules")
     except HotplugError as exc:
         result.errors.append(f"netvm firewall: {exc}")
 
