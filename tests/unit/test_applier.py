@@ -21,7 +21,6 @@ from vif_hotplug.core.handlers import ActionOps, ObjectOps
 from vif_hotplug.core.model import (
     ConntrackPurge,
     DeviceAddress,
-    LinkFacts,
     LinkState,
     NetvmParams,
     Route,
