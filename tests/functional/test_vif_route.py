@@ -650,3 +650,21 @@ def test_reconcile_drops_an_allowed_address_that_left_xenstore(netvm: Netvm) -> 
     netvm.tool("reconcile")
     assert netvm.members(4, "allowed") == ["vif4.0 . 10.137.0.9"]
     assert netvm.members(4, "downstream") == ["10.137.0.9"]
+
+
+# --- the udev trigger (run_hotplug_scripts=0) --------------------------------------------------------
+
+
+def test_under_udev_a_vif_whose_script_is_vif_bridge_is_left_alone(netvm: Netvm) -> None:
+    netvm.add_vm(4, extra={"script": "/etc/xen/scripts/vif-bridge"})
+    before = netvm.dump()
+    proc = netvm.hotplug("online", 4, "type_if=vif", "trigger=udev", check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert netvm.dump() == before and netvm.status(4) is None
+
+
+def test_under_udev_a_vif_whose_script_is_this_one_is_configured(netvm: Netvm) -> None:
+    netvm.add_vm(4)
+    proc = netvm.hotplug("online", 4, "type_if=vif", "trigger=udev")
+    assert proc.returncode == 0 and netvm.status(4) == "connected"
+    assert "10.137.0.4 dev vif4.0" in netvm.ns.run("ip", "route").stdout
