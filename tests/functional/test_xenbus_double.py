@@ -15,6 +15,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,6 +208,36 @@ def test_a_read_without_o_nonblock_waits_for_a_reply(fd: int) -> None:
     os.write(fd, request(Op.READ, 1, b"absent"))
     reader.join(WAIT)
     assert got and Header.unpack(got[0][:HEADER_SIZE]).req_id == 1
+
+
+_READ_UNTIL_ALARM = """
+import os, signal, sys
+def alarm(signum, frame):
+    raise TimeoutError
+signal.signal(signal.SIGALRM, alarm)
+fd = os.open(sys.argv[1], os.O_RDWR)
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+try:
+    os.read(fd, 65536)
+except TimeoutError:
+    print("interrupted")
+"""
+
+
+def test_a_signal_ends_a_waiting_read(double: XenbusDouble) -> None:
+    # FUSE passes the signal on as FUSE_INTERRUPT and waits for the answer: the double gives EINTR, as
+    # wait_event_interruptible does in xenbus_file_read, and Python then runs the handler.
+    proc = subprocess.Popen([sys.executable, "-c", _READ_UNTIL_ALARM, double.path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=WAIT)
+    except subprocess.TimeoutExpired:
+        # Even SIGKILL waits for a request the filesystem holds: abort the connection first.
+        double.stop()
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the waiting read was never answered: the double ignored FUSE_INTERRUPT")
+    assert (proc.returncode, out) == (0, "interrupted\n"), err
 
 
 def test_a_read_with_o_nonblock_and_nothing_queued_fails_with_eagain(double: XenbusDouble) -> None:

@@ -167,7 +167,9 @@ class XenbusDouble:
         return self
 
     def stop(self) -> None:
-        """Unmount (the namespace goes with its holder) and abort every request still waiting."""
+        """Unmount (the namespace goes with its holder) and abort every request still waiting. Idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._holder is not None:
             with contextlib.suppress(OSError):
@@ -239,7 +241,11 @@ class XenbusDouble:
                     raise
                 request = fw.parse_request(data)
                 with self._lock:
-                    answer = self._dispatch(request)
+                    try:
+                        answer = self._dispatch(request)
+                    except Exception:  # a bug here must fail the call, not hang the file
+                        log.exception("xenbus double: opcode %d failed", request.opcode)
+                        answer = fw.reply(request.unique, error=errno.EIO)
                 if answer is not None and request.opcode not in fw.NO_REPLY:
                     self._send(answer)
         finally:

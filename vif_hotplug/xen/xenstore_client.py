@@ -31,15 +31,14 @@ daemon's socket, the xenbus device.
 from __future__ import annotations
 
 import os
-import queue
 import select
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from ..core.errors import XenStoreUnavailable
 from .xs_wire import (
@@ -54,6 +53,9 @@ from .xs_wire import (
     join_args,
     parse_error_payload,
 )
+
+if TYPE_CHECKING:
+    import queue
 
 DEFAULT_TIMEOUT = 5.0
 _SOCKET_CANDIDATES = ("/var/run/xenstored/socket", "/run/xenstored/socket")
@@ -89,21 +91,28 @@ def default_endpoint(xenstored_path: str | None = None, exists: Callable[[str], 
     return "xenbus", XENBUS_DEVICE
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted classes, not dataclasses: this module is on every event's import path.
 class _Refused:
     """An ``XS_ERROR`` reply: the errno name xenstored gave."""
 
-    name: str
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
 
 _Reply = bytes | _Refused
 
 
-@dataclass(eq=False)
 class _Job:
-    messages: list[bytes]
-    done: threading.Event = field(default_factory=threading.Event)
-    error: OSError | None = None
+    """Messages for the writer thread, and how their writing ended."""
+
+    __slots__ = ("done", "error", "messages")
+
+    def __init__(self, messages: list[bytes]) -> None:
+        self.messages = messages
+        self.done = threading.Event()
+        self.error: OSError | None = None
 
 
 class _Writer:
@@ -118,6 +127,8 @@ class _Writer:
     """
 
     def __init__(self, fd: int) -> None:
+        import queue  # only a device connection needs it
+
         self._fd = os.dup(fd)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="xenbus-writer", daemon=True)
