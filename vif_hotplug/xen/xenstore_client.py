@@ -229,6 +229,9 @@ class XenStore:
                 fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
                 try:
                     self._writer = _Writer(fd)
+                except RuntimeError as exc:  # no thread to be had
+                    os.close(fd)
+                    raise XenStoreUnavailable(f"cannot connect to XenStore at {self.path}: {exc}") from None
                 except BaseException:
                     os.close(fd)
                     raise
