@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyxs
 
+from tests.xenbus_double.double import XenbusDouble
 from vif_hotplug.core.model import NETBACK_MAC as NETBACK_MAC  # re-exported for the tests
 from vif_hotplug.lab.probe import listen_udp_argv, send_udp_argv
 from vif_hotplug.lab.topology import backend_link_commands, guest_commands
@@ -102,13 +103,20 @@ class Netvm:
     uplink: Netns | None = None
     #: The resident agent serving this netvm's events, when the test runs with one.
     agent: subprocess.Popen[str] | None = None
+    #: The embedded xenstored, for tests that make it refuse a request (``answer_with_error``).
+    xenstored: XenStoreServer | None = None
+    #: A mount namespace whose /dev/xen/xenbus reaches the store (a driver domain's way): commands run
+    #: there, with no XENSTORED_PATH and no daemon socket. See :func:`running_netvm`.
+    mount_ns: str | None = None
+    #: The double behind that device (its ``violations`` say whether a command broke the driver's rules).
+    xenbus: XenbusDouble | None = None
 
     # --- configuration ------------------------------------------------------
 
     @property
     def env(self) -> dict[str, str]:
         return {
-            "XENSTORED_PATH": self.xs_path,
+            **({} if self.mount_ns else {"XENSTORED_PATH": self.xs_path}),
             "VIF_HOTPLUG_CONF": str(self.tmp / "netvm.conf"),
             "VIF_HOTPLUG_LOCK": str(self.tmp / "hotplug.lock"),
             "VIF_HOTPLUG_HOOKS_DIR": str(self.tmp / "hooks"),
@@ -126,7 +134,7 @@ class Netvm:
         """``vif-hotplug agent`` in this netvm (as systemd would start it), ready when this returns."""
         env = {k: v for k, v in {**os.environ, **self.env}.items() if k != "VIF_HOTPLUG_AGENT"}
         proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.ns.name}", entry_point("vif-hotplug"), "agent", *args],
+            [*self._nsenter(), entry_point("vif-hotplug"), "agent", *args],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.agent = proc
@@ -260,7 +268,7 @@ class Netvm:
         run_env = dict(os.environ)
         run_env.update(full)
         proc = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{self.ns.name}", entry_point("vif-route-qubes"), command, *argv],
+            [*self._nsenter(), entry_point("vif-route-qubes"), command, *argv],
             capture_output=True, text=True, env=run_env, timeout=120,
         )
         if check and proc.returncode != 0:
@@ -275,12 +283,16 @@ class Netvm:
         run_env.update(self.env)
         run_env.update(env or {})
         proc = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{self.ns.name}", entry_point("vif-hotplug"), *args],
+            [*self._nsenter(), entry_point("vif-hotplug"), *args],
             capture_output=True, text=True, env=run_env, timeout=300,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"vif-hotplug {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc
+
+    def _nsenter(self) -> list[str]:
+        mount = [f"--mount={self.mount_ns}"] if self.mount_ns else []
+        return ["nsenter", f"--net=/run/netns/{self.ns.name}", *mount]
 
     def sysctl(self, key: str) -> str:
         return self.ns.run("cat", f"/proc/sys/{key}").stdout.strip()
@@ -427,9 +439,15 @@ def wait_for_line(path: Path, text: str, deadline: float = 10.0) -> bool:
 
 
 @contextlib.contextmanager
-def running_netvm(make_netns: NetnsFactory, conf: str, backend: str, agent: bool = False) -> Iterator[Netvm]:
+def running_netvm(make_netns: NetnsFactory, conf: str, backend: str, agent: bool = False,
+                  xenbus: dict[str, bool] | None = None) -> Iterator[Netvm]:
     """A netvm namespace with ``conf`` as netvm.conf, firewall ``backend``, its own embedded XenStore,
-    and with ``agent`` a resident agent that every client of the test goes through."""
+    and with ``agent`` a resident agent that every client of the test goes through.
+
+    ``xenbus``: options of a xenbus device double (``{}``: Linux 6.x), started
+    with this XenStore behind it at ``/dev/xen/xenbus`` of a mount namespace
+    the netvm's commands then run in, as in a driver domain.
+    """
     for tool in ("ipset", "iptables-legacy-save", "ip6tables-legacy-save", "conntrack", "nft"):
         require_tool(tool)
     # A short directory: Unix socket paths are limited to 108 bytes.
@@ -439,7 +457,10 @@ def running_netvm(make_netns: NetnsFactory, conf: str, backend: str, agent: bool
     server.start_in_thread()
     env = None
     try:
-        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"), backend)
+        env = Netvm(make_netns, make_netns("vhnet"), tmp, str(tmp / "xs.sock"), backend, xenstored=server)
+        if xenbus is not None:
+            env.xenbus = XenbusDouble(str(tmp / "xs.sock"), **xenbus).start(dev=True)
+            env.mount_ns = env.xenbus.mount_ns
         env.write_conf(conf)
         if agent:
             env.start_agent("--no-start-up")
@@ -447,6 +468,8 @@ def running_netvm(make_netns: NetnsFactory, conf: str, backend: str, agent: bool
     finally:
         if env is not None:
             env.stop_agent()
+        if env is not None and env.xenbus is not None:
+            env.xenbus.stop()
         # NAT namespaces of mapped vifs are named globally (<vif>-nat); a
         # failed test must not leave one for the next.
         for vm in env.vms.values() if env else ():

@@ -49,6 +49,12 @@ def sock(tmp_path: Path) -> Iterator[str]:
         yield path
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[XenStoreServer]:
+    with XenStoreServer(str(tmp_path / "xs.sock")) as running:
+        yield running
+
+
 def client(path: str) -> Any:
     return pyxs.Client(unix_socket_path=path)
 
@@ -158,6 +164,16 @@ def test_cli_list_pages_a_huge_directory_with_directory_part(sock: str, caplog: 
         listed = cli(sock, "xenstore-list", "/big").stdout.split()
     assert listed == [f"entry-{n:05d}" for n in range(3000)]
     assert any("DIRECTORY_PART" in record.getMessage() for record in caplog.records)
+
+
+def test_cli_list_of_a_huge_directory_on_a_store_without_directory_part_fails_with_e2big(
+    server: XenStoreServer,
+) -> None:
+    fill_directory(server.socket_path, b"/big", 3000)
+    # A xenstored before Xen 4.9: libxenstore turns DIRECTORY_PART's ENOSYS back into the E2BIG.
+    server.answer_with_error(Op.DIRECTORY_PART, "/big", "ENOSYS")
+    proc = cli(server.socket_path, "xenstore-list", "/big", check=False)
+    assert (proc.returncode, proc.stderr) == (1, "xenstore-list: could not list path /big\n")
 
 
 def test_cli_ls_shows_every_entry_of_a_huge_directory(sock: str) -> None:
@@ -441,6 +457,38 @@ def test_directory_part_chunks_reassemble_to_the_full_listing(sock: str, raw: Ra
         offset += len(chunk)
     assert len(generations) == 1
     assert listing == join_args(*(b"entry-%05d" % n for n in range(1000)))
+
+
+def _names(sock: str, count: int) -> None:
+    # 15 characters and the NUL: 256 of them are exactly one payload.
+    with client(sock) as c:
+        for n in range(count):
+            c.mkdir(b"/big/n%014d" % n)
+
+
+def test_directory_of_exactly_one_payload_of_names_is_answered_whole(sock: str, raw: Raw) -> None:
+    _names(sock, 256)
+    reply = raw.request(Op.DIRECTORY, join_args(b"/big"))
+    assert (reply.type, len(reply.payload)) == (Op.DIRECTORY, XENSTORE_PAYLOAD_MAX)
+
+
+def test_directory_over_one_payload_of_names_gives_e2big(sock: str, raw: Raw) -> None:
+    _names(sock, 257)
+    assert raw.request(Op.DIRECTORY, join_args(b"/big")) == Message(Op.ERROR, 1, 0, error_payload("E2BIG"))
+
+
+def test_a_request_told_to_fail_fails_and_others_do_not(server: XenStoreServer) -> None:
+    raw = Raw(server.socket_path)
+    try:
+        server.answer_with_error(Op.WRITE, "/local/domain/0/backend/vif/4/0/hotplug-status", "ENOENT")
+        refused = raw.request(Op.WRITE, b"backend/vif/4/0/hotplug-status\0connected", req_id=1)
+        other = raw.request(Op.WRITE, b"backend/vif/4/0/hotplug-error\0x", req_id=2)
+        server.answer_with_error(Op.WRITE, "/local/domain/0/backend/vif/4/0/hotplug-status", None)
+        again = raw.request(Op.WRITE, b"backend/vif/4/0/hotplug-status\0connected", req_id=3)
+    finally:
+        raw.close()
+    assert refused == Message(Op.ERROR, 1, 0, error_payload("ENOENT"))
+    assert (other.type, again.type) == (Op.WRITE, Op.WRITE)
 
 
 def test_oversized_message_gets_e2big_then_disconnect(raw: Raw) -> None:

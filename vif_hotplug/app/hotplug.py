@@ -184,11 +184,11 @@ def _online(
         applied = apply_all_or_nothing(plan.steps, host, dev, on_step)
         try:
             report_connected(xs, event.xenbus_path)
-        except XenStoreUnavailable:
-            # The toolstack cannot learn that the vif works: it must not work.
-            log.error("%s: cannot report connected: undoing %d change(s)", dev, len(applied.undo))
+        except XenStoreUnavailable as exc:
+            # The toolstack cannot learn that the vif works: it must not work. One line says both.
             rollback(applied.undo, host, dev)
-            raise
+            undone = len(applied.undo)
+            raise XenStoreUnavailable(f"cannot report connected ({exc}): {undone} change(s) undone") from None
         if synced is not None:
             synced()
     log.info("%s: online done, %d change(s)", dev, len(applied.changed))

@@ -80,8 +80,7 @@ class Runtime:
         """A XenStore connection for one command or event (it connects on first request)."""
         from ..xen.xenstore_client import XenStore, default_endpoint
 
-        endpoint = ("unix", settings.xenstore_path) if settings.xenstore_path else default_endpoint()
-        return XenStore(endpoint, settings.xenstore_timeout)
+        return XenStore(default_endpoint(settings.xenstore_path), settings.xenstore_timeout)
 
     @staticmethod
     def qubesdb(settings: Settings) -> Reader | None:

@@ -279,6 +279,10 @@ class XenStoreServer:
         self._conns: set[_Connection] = set()
         self._next_tx = 1
         self._deferred: list[Callable[[], None]] = []
+        #: Test hook: (operation, absolute path) -> the error name to answer it with, as a real store
+        #: may for its own reasons (a node removed meanwhile, a quota, permissions, an old xenstored
+        #: without DIRECTORY_PART). See :meth:`answer_with_error`.
+        self._refusals: dict[tuple[int, str], str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._selector: selectors.BaseSelector | None = None
@@ -383,6 +387,17 @@ class XenStoreServer:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
+    def answer_with_error(self, op: Op, path: str, name: str | None) -> None:
+        """From now on answer ``op`` on the absolute ``path`` with the error ``name`` (None: normally again).
+
+        Safe from another thread: the loop reads the table once per request.
+        """
+        error_payload(name or "EIO")  # refuse names xenstored would never send
+        if name is None:
+            self._refusals.pop((int(op), path), None)
+        else:
+            self._refusals[(int(op), path)] = name
+
     def __enter__(self) -> Self:
         self.start_in_thread()
         return self
@@ -484,6 +499,8 @@ class XenStoreServer:
             handler = self._handlers.get(msg.type)
             if handler is None:
                 raise XenStoreError("ENOSYS")
+            if self._refusals:
+                self._refuse(msg)
             view: _View = self._tree
             if msg.tx_id:
                 tx = conn.transactions.get(msg.tx_id)
@@ -505,6 +522,16 @@ class XenStoreServer:
         deferred, self._deferred = self._deferred, []
         for action in deferred:
             action()
+
+    def _refuse(self, msg: Message) -> None:
+        raw_path = msg.payload.partition(b"\0")[0]
+        try:
+            path = self._path(raw_path)
+        except WireError:
+            return
+        name = self._refusals.get((msg.type, path))
+        if name is not None:
+            raise XenStoreError(name)
 
     def _changed(self, view: _View, change: _Change | None) -> None:
         if change is None:
@@ -540,8 +567,12 @@ class XenStoreServer:
 
     def _directory(self, conn: _Connection, msg: Message, view: _View) -> bytes:
         [path] = split_args(msg.payload, 1)
-        # An oversized listing becomes E2BIG in _handle; clients then page with DIRECTORY_PART.
-        return join_args(*(name.encode() for name in _lookup(view, self._path(path)).children))
+        listing = join_args(*(name.encode() for name in _lookup(view, self._path(path)).children))
+        # xenstored's send_reply answers a payload over XENSTORE_PAYLOAD_MAX with E2BIG (a netvm's
+        # backend/vif from ~800 domids on); clients then page with DIRECTORY_PART.
+        if len(listing) > XENSTORE_PAYLOAD_MAX:
+            raise XenStoreError("E2BIG")
+        return listing
 
     def _directory_part(self, conn: _Connection, msg: Message, view: _View) -> bytes:
         """Generation, NUL, then whole child names from byte ``offset`` of the listing.

@@ -1,4 +1,4 @@
-"""What the use cases need of XenStore, and an event's reads in one round trip.
+"""What the use cases need of XenStore, and an event's reads with one wait for all their replies.
 
 :class:`~vif_hotplug.xen.xenstore_client.XenStore` implements both
 protocols; unit tests use a dictionary.
@@ -18,7 +18,13 @@ class XenStorePort(Protocol):
 
 
 def read_all(xs: XenStorePort, paths: list[str]) -> list[str | None]:
-    """Every path's value: in one round trip when the client can pipeline (``read_many``)."""
+    """Every path's value, with one wait for all the replies when the client has ``read_many``.
+
+    On xenstored's socket that is one round trip; on the xenbus device one
+    ``write`` per request, then the replies (one round trip on Linux 4.11+,
+    whose driver queues requests; one per request before, where ``write``
+    itself waits for the answer). docs/xenstore.md, Pipelining.
+    """
     many = getattr(xs, "read_many", None)
     if many is not None:
         return list(many(paths))
@@ -26,7 +32,7 @@ def read_all(xs: XenStorePort, paths: list[str]) -> list[str | None]:
 
 
 class Prefetched:
-    """``xs`` with ``paths`` read ahead in one round trip: an event's reads cost one wait, not one each.
+    """``xs`` with ``paths`` read ahead together (:func:`read_all`): an event's reads cost one wait, not one each.
 
     Reads of other paths, and writes, go to ``xs``. For one event: the
     values are as they were when it started.
