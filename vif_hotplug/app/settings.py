@@ -15,7 +15,7 @@ get a :class:`Settings`. Environment variables (all optional):
                             installs): owned by root, writable by root alone,
                             else ignored with a warning
 ``XTABLES_LOCKFILE``        the lock ``iptables -w`` takes (default ``/run/xtables.lock``)
-``XENSTORED_PATH``          XenStore's socket (default: xenstored's, else ``/dev/xen/xenbus``)
+``XENSTORED_PATH``          XenStore's socket or device (default: xenstored's socket, else ``/dev/xen/xenbus``)
 ==========================  =================================================
 
 ``PATH`` is not read: the tools this package runs (``iptables``,
