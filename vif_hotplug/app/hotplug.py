@@ -138,6 +138,10 @@ def _online(
         raise InvalidInput(f"{event.xenbus_path}/ip is missing")
     if settings.conf_error is not None:
         raise InvalidInput(settings.conf_error)
+    if qubesdb is not None and vm.ipv4:  # read with the rest: one qubesdb-read run for the whole event
+        from ..xen.qubesdb import prefetch_mapped
+
+        prefetch_mapped(qubesdb, vm.ipv4[0].network_address)
     netvm = resolve_params(settings.conf, qubesdb, xs.read)
     connected = resolve_connected(settings.conf, qubesdb, xs.read)
     harden = resolve_harden(settings.conf, qubesdb)
