@@ -267,6 +267,17 @@ def test_a_qubesdb_that_does_not_answer_is_a_one_line_error_within_the_deadline(
     assert str(err.value) == f"QubesDB did not answer within {TIMEOUT:g}s"
 
 
+def test_offline_with_a_qubesdb_that_does_not_answer_still_removes_the_vifs_state(
+    daemon: StandinQubesDB, cache: QubesDBCache,
+) -> None:
+    xs, k = store(), kernel()
+    event("online", xs, k, qubesdb=SnapshotReader(cache))
+    daemon.hang = True
+    daemon.write(CONNECTED, "10.137.0.7")
+    outcome = within(10 * TIMEOUT, lambda: event("offline", xs, k, qubesdb=SnapshotReader(cache)))
+    assert (outcome.exit_code, k.elements_of("vif4.0"), k.routes_of("vif4.0")) == (0, set(), set())
+
+
 def test_after_a_hang_qubesdb_is_read_anew_once_it_answers(daemon: StandinQubesDB, cache: QubesDBCache) -> None:
     SnapshotReader(cache)(GATEWAY)
     daemon.hang = True
