@@ -129,8 +129,10 @@ class QubesDBWatcher:
                 if now != last:
                     try:
                         self.changed(last, now)
-                    except HotplugError as exc:
-                        log.error("applying a QubesDB change: %s", exc)
+                    except HotplugError as exc:  # XenStore: the same change is handled again shortly
+                        log.error("applying a QubesDB change: %s (trying again in %gs)", exc, RETRY)
+                        self._cache.wait(self._stop_r, RETRY, RETRY)
+                        continue
                     last = now
             self._cache.wait(self._stop_r, None, RETRY)
 
