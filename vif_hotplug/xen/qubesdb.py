@@ -13,7 +13,7 @@ qubesdb-daemon. Two ways to read them:
 * **``qubesdb-read``** (``client/qubesdb-cmd.c``), through
   :class:`CommandReader`: one run of ``qubesdb-read -f -q -- KEYS...`` for
   all the keys a command reads (``-f`` prints ``path = value``, a missing
-  key prints nothing and makes the exit status 1).
+  key prints nothing and makes the exit status 2; 1 before qubes-core-qubesdb 4.1.13).
 
 Values are text as ``qubesdb-read`` prints them (bytes outside 0x20..0x7f
 as ``\\xNN``, :func:`shown`), whichever way they were read, so both give the
@@ -487,8 +487,8 @@ class QubesDBCache:
 
 
 def read_with_command(exe: str, keys: Sequence[str], timeout: float = TIMEOUT) -> dict[str, str | None]:
-    """``keys`` in one run of ``qubesdb-read -f -q``. Raises :class:`QubesDBError` when it cannot run,
-    does not finish in time, or fails otherwise than by a key it could not read (exit status 1)."""
+    """``keys`` in one run of ``qubesdb-read -f -q``; a key it did not print is absent. Raises
+    :class:`QubesDBError` when it cannot run, does not finish in time, or exits otherwise than 0, 1 or 2."""
     import subprocess
 
     keys = list(dict.fromkeys(keys))
@@ -499,7 +499,10 @@ def read_with_command(exe: str, keys: Sequence[str], timeout: float = TIMEOUT) -
         raise QubesDBError(f"qubesdb-read did not answer within {timeout:g}s") from None
     except OSError as exc:
         raise QubesDBError(f"cannot run {exe}: {exc.strerror or exc}") from None
-    if proc.returncode not in (0, 1):
+    # 0: every key read. 2: some absent, nothing else wrong (qubes-core-qubesdb since "CLI tools:
+    # distinguish 'no such entry' and 'error'", 4.1.13); 1: some read failed, or no daemon to connect to, and
+    # before that change also an absent key. In every case a key it printed is one it read.
+    if proc.returncode not in (0, 1, 2):
         raise QubesDBError(f"qubesdb-read exited with status {proc.returncode}")
     wanted = set(keys)
     found: dict[str, str] = {}
