@@ -31,6 +31,9 @@ from .hotplug_env import UPLINK_NET, Netvm, received, running_netvm, udp_listen,
 pytestmark = pytest.mark.netns
 
 MAPPED_REAL, MAPPED_VISIBLE, MAPPED_GATEWAY = "10.137.0.50", "10.138.0.2", "10.138.0.1"
+#: NAT namespaces are named for the whole machine (<vif>-nat): a domid the other suites do not use.
+MAPPED_DOMID = 37
+NAT_NETNS = f"vif{MAPPED_DOMID}.0-nat"
 
 
 @pytest.fixture
@@ -68,7 +71,7 @@ def qubesdb_read_env(netvm: Netvm, qdb: StandinQubesDB) -> dict[str, str]:
             "VIF_HOTPLUG_AGENT": "off"}
 
 
-def eventually(check: Callable[[], bool], seconds: float = 15.0) -> bool:
+def eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if check():
@@ -152,22 +155,22 @@ def test_a_mapping_written_after_its_vif_came_online_takes_effect(
     qdb.rm(f"/mapped-ip/{MAPPED_REAL}/")
     start_agent_with_module(netvm, qdb, monkeypatch)
     up = netvm.add_uplink()
-    vm = netvm.add_vm(4, [MAPPED_REAL], vm_view=(MAPPED_VISIBLE, MAPPED_GATEWAY))
-    netvm.hotplug("online", 4)
-    assert "vif4.0-nat" not in netns_list()
+    vm = netvm.add_vm(MAPPED_DOMID, [MAPPED_REAL], vm_view=(MAPPED_VISIBLE, MAPPED_GATEWAY))
+    netvm.hotplug("online", MAPPED_DOMID)
+    assert NAT_NETNS not in netns_list()
     # dom0 writes the mapping once the VM runs (Qubes issue 9318).
     qdb.write(f"/mapped-ip/{MAPPED_REAL}/visible-ip", MAPPED_VISIBLE)
     qdb.write(f"/mapped-ip/{MAPPED_REAL}/visible-gateway", MAPPED_GATEWAY)
 
     def nat_ready() -> bool:
-        if "vif4.0-nat" not in netns_list():
+        if NAT_NETNS not in netns_list():
             return False
-        inside = subprocess.run(["ip", "-n", "vif4.0-nat", "-o", "-4", "addr", "show", "dev", "vif4.0"],
+        inside = subprocess.run(["ip", "-n", NAT_NETNS, "-o", "-4", "addr", "show", "dev", f"vif{MAPPED_DOMID}.0"],
                                 capture_output=True, text=True).stdout
         return f"{MAPPED_GATEWAY}/32" in inside
 
     assert eventually(nat_ready)
-    netvm.settle(4)
+    netvm.settle(MAPPED_DOMID)
     out = received(up, f"{UPLINK_NET}.2", netvm.tmp / "out.log", [(vm.ns, MAPPED_VISIBLE, "out")])
     back_log = netvm.tmp / "back.log"
     at_vm = udp_listen(vm.ns, MAPPED_VISIBLE, 5001, back_log)
@@ -179,7 +182,7 @@ def test_a_mapping_written_after_its_vif_came_online_takes_effect(
         at_vm.wait()
     assert out == [f"{MAPPED_REAL} out"]
     assert back_log.read_text().splitlines() == [f"{UPLINK_NET}.2 back"]
-    assert netvm.status(4) == "connected"
+    assert netvm.status(MAPPED_DOMID) == "connected"
 
 
 # --- a QubesDB that hangs, and reading without side effects -------------------------------------------
