@@ -50,12 +50,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import registry
 from ..app.log_setup import current_ident, current_tag, own_or_warning, system_handlers, tagged
 from ..app.runtime import Runtime
 from ..app.settings import AGENT_LOCK_TIMEOUT
+from ..core.errors import HotplugError
 from .client import END, ENV_ALLOWED, MAGIC, MAX_REQUEST
+
+if TYPE_CHECKING:
+    from ..app.qubesdb_watch import QubesDBWatcher
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,16 @@ class _SinkHandler(logging.Handler):
                 sink.send("E", f"{sink.ident}: {line}")
         except Exception:  # noqa: BLE001 - a log line must never break the request
             pass
+
+
+class _OwnLogs:
+    """:class:`~vif_hotplug.app.log_setup.LogControl` of a request the agent makes itself: its own logs."""
+
+    def verbose(self, level: int) -> None:
+        pass
+
+    def tag(self, tag: str) -> None:
+        current_tag.set(tag)
 
 
 class _RequestLogs:
@@ -274,6 +289,43 @@ class Agent:
             finally:
                 current_ident.reset(token)
 
+    def internal(self, prog: str, argv: list[str], extra_env: dict[str, str], still_wanted: Callable[[], bool]) -> None:
+        """Queue ``prog argv`` as a client's request would be queued, for the agent's own reasons (a QubesDB
+        watch), with the agent's environment and ``extra_env``; it runs if ``still_wanted()`` when its turn
+        comes. Logged as any request; nobody waits for the answer."""
+        from ..entry import dispatch
+
+        env = {**self.env, **extra_env}
+        command, _ = registry.command_of(prog, argv)
+
+        def job() -> None:
+            tokens = (current_tag.set(None), current_ident.set(registry.ident(command)))
+            try:
+                if still_wanted():
+                    _, after = dispatch(prog, argv, env, self.runtime, _OwnLogs(), lambda text: None)
+                    if after is not None:
+                        after()
+            except HotplugError as exc:
+                log.error("%s %s: %s", prog, " ".join(argv), exc)
+            finally:
+                current_tag.reset(tokens[0])
+                current_ident.reset(tokens[1])
+
+        self.lanes.submit(_order_key(prog, argv, env), job)
+
+    def watch_qubesdb(self) -> QubesDBWatcher | None:
+        """Start applying what changes in QubesDB (:mod:`vif_hotplug.app.qubesdb_watch`), where Qubes' module
+        imports."""
+        from ..app.qubesdb_watch import QubesDBWatcher
+
+        cache = self.runtime.qubesdb_cache()
+        if cache is None:
+            return None
+        settings = self.runtime.settings(self.env)
+        watcher = QubesDBWatcher(cache, lambda: self.runtime.xenstore(settings), self.internal)
+        watcher.start()
+        return watcher
+
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the requests already taken."""
         deadline = time.monotonic() + timeout
@@ -442,6 +494,7 @@ def run_agent(env: Mapping[str, str], socket_path: str, start_up: bool = True) -
         return 1
     agent = Agent(env)
     log.info("serving on %s", socket_path)
+    watcher = agent.watch_qubesdb()
     with StopOnSignal() as stop:
         if start_up:
             # A lane of its own: events are served at once, each waiting only
@@ -451,6 +504,8 @@ def run_agent(env: Mapping[str, str], socket_path: str, start_up: bool = True) -
             agent.serve(listener, stop.fd, lambda: stop.requested)
         finally:
             listener.close()
+            if watcher is not None:
+                watcher.stop()
             agent.drain(STOP_TIMEOUT)
             if env.get("LISTEN_PID") != str(os.getpid()):
                 try:

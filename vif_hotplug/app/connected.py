@@ -6,9 +6,12 @@ this command compare them with their source in full. A hotplug event
 compares the source with the one the sets were last brought up to
 (a file in the state directory) and lists the sets
 only when it changed: listing them costs as much as there are VMs, and an
-event must not. ``--watch`` re-reads the sources every
-:data:`WATCH_INTERVAL` seconds until SIGTERM/SIGINT, for a netvm whose
-source (QubesDB) changes while no VM starts or stops.
+event must not. ``--watch`` keeps them up to date until SIGTERM/SIGINT, for
+a netvm whose source (QubesDB) changes while no VM starts or stops: at each
+QubesDB watch event where Qubes' ``qubesdb`` module watches
+``/connected-ips`` (no timer then), else by reading the sources every
+:data:`WATCH_INTERVAL` seconds. (The resident agent applies a QubesDB change
+itself: :mod:`.qubesdb_watch`.)
 """
 
 from __future__ import annotations
@@ -58,16 +61,26 @@ def update_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | No
 
 
 def watch_connected(settings: Settings, host: HotplugHost, qubesdb: Reader | None, xenstore: Reader | None) -> int:
-    """:func:`update_connected` now and every :data:`WATCH_INTERVAL` seconds; 0 when stopped."""
+    """:func:`update_connected` now and whenever the source may have changed (see the module); 0 when stopped.
+
+    Each round reads QubesDB anew (``qubesdb``'s ``renewed()``).
+    """
+    from ..xen.qubesdb import QubesDBReader
+
+    changes = qubesdb.changes() if isinstance(qubesdb, QubesDBReader) else None
     failure: str | None = None
     with StopOnSignal() as stop:
         while not stop.requested:
+            reader = qubesdb.renewed() if isinstance(qubesdb, QubesDBReader) else qubesdb
             try:
-                update_connected(settings, host, qubesdb, xenstore)
+                update_connected(settings, host, reader, xenstore)
                 failure = None
             except HotplugError as exc:
                 if str(exc) != failure:
                     log.error("%s (retrying every %gs)", exc, WATCH_INTERVAL)
                 failure = str(exc)
-            select.select([stop.fd], [], [], WATCH_INTERVAL)
+            if changes is not None and failure is None:
+                changes.wait(stop.fd, None, WATCH_INTERVAL)
+            else:
+                select.select([stop.fd], [], [], WATCH_INTERVAL)
     return 0

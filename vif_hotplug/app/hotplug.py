@@ -34,6 +34,7 @@ from ..core.plan_base import families_of
 from ..core.plan_connected import connected_steps
 from ..core.plan_vif import OfflineInputs, OnlineInputs, plan_offline, plan_online
 from ..core.validation import VifId, parse_vif_name, parse_vm_addresses
+from ..xen.qubesdb import QubesDBError, prefetch_mapped
 from ..xen.xenstore_port import Prefetched, XenStorePort
 from ..xenstore_env import (
     BACKEND_KEYS,
@@ -148,6 +149,8 @@ def _online(
         check_vifname(backend.vifname)
     if settings.conf_error is not None:
         raise InvalidInput(settings.conf_error)
+    if vm.ipv4:  # read with the rest: one qubesdb-read run for the whole event
+        prefetch_mapped(qubesdb, vm.ipv4[0].network_address)
     netvm = resolve_params(settings.conf, qubesdb, xs.read)
     connected = resolve_connected(settings.conf, qubesdb, xs.read)
     harden = resolve_harden(settings.conf, qubesdb)
@@ -214,7 +217,7 @@ def _offline(
         netvm = resolve_params(settings.conf, qubesdb, xs.read)
         harden = resolve_harden(settings.conf, qubesdb)
         connected = resolve_connected(settings.conf, qubesdb, xs.read)
-    except InvalidInput as exc:
+    except (InvalidInput, QubesDBError) as exc:
         log.warning("%s: %s; gateway addresses unknown, the rest is removed", event.dev, exc)
     with lock():
         _check_identity(event, backend, host)

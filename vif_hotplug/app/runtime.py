@@ -24,6 +24,7 @@ from .settings import FALLBACK_LOCK_TIMEOUT, Settings, settings_from_env
 if TYPE_CHECKING:
     from ..kernel.firewall_backend import BackendName
     from ..kernel.host import KernelHost
+    from ..xen.qubesdb import QubesDBCache
     from ..xen.xenstore_client import XenStore
 
 
@@ -37,6 +38,8 @@ class Runtime:
         self.role = role
         self._hosts: dict[tuple[str, str, str, str], KernelHost] = {}
         self._lock = threading.Lock()
+        self._qubesdb: QubesDBCache | None = None
+        self._qubesdb_looked = False
 
     def settings(self, env: Mapping[str, str], backend: str | None = None) -> Settings:
         """The command's settings: its environment and netvm.conf, ``--backend`` if given, this
@@ -82,17 +85,36 @@ class Runtime:
 
         return XenStore(default_endpoint(settings.xenstore_path), settings.xenstore_timeout)
 
-    @staticmethod
-    def qubesdb(settings: Settings) -> Reader | None:
-        from ..xen.qubesdb import qubesdb_reader
+    def qubesdb_cache(self) -> QubesDBCache | None:
+        """This process's one connection to QubesDB, when Qubes' ``qubesdb`` module imports (it connects
+        at first use); ``None`` without the module."""
+        from ..xen.qubesdb import QubesDBCache, import_qubesdb
 
-        return qubesdb_reader(settings.qubesdb_read)
+        with self._lock:
+            if not self._qubesdb_looked:
+                self._qubesdb_looked = True
+                module = import_qubesdb()
+                self._qubesdb = QubesDBCache(module) if module is not None else None
+            return self._qubesdb
+
+    def qubesdb(self, settings: Settings) -> Reader | None:
+        """QubesDB for one command: through Qubes' module when it imports, else ``qubesdb-read`` when
+        installed (one run for the command's keys), else ``None``."""
+        from ..xen.qubesdb import CommandReader, SnapshotReader
+
+        cache = self.qubesdb_cache()
+        if cache is not None:
+            return SnapshotReader(cache)
+        return CommandReader(settings.qubesdb_read) if settings.qubesdb_read else None
 
     def close(self) -> None:
         with self._lock:
             for host in self._hosts.values():
                 host.close()
             self._hosts.clear()
+            if self._qubesdb is not None:
+                self._qubesdb.close()
+            self._qubesdb, self._qubesdb_looked = None, False
 
 
 def plan_text(plan: Plan, host: KernelHost | None = None) -> list[str]:

@@ -240,15 +240,21 @@ def resolve_connected(conf: NetvmConf | None, qubesdb: Reader | None, xenstore: 
     return Connected(v4, v6, "+".join(sources))
 
 
+def mapped_keys(real_ip: IPv4Address) -> tuple[str, str]:
+    """The QubesDB keys of the mapping of ``real_ip``: its visible address and visible gateway."""
+    return f"/mapped-ip/{real_ip}/visible-ip", f"/mapped-ip/{real_ip}/visible-gateway"
+
+
 def resolve_mapped(conf: NetvmConf | None, qubesdb: Reader | None, real_ip: IPv4Address) -> Mapped | None:
     """The mapping of a VM whose real address is ``real_ip``; ``None`` when unmapped or mapped onto itself."""
     found: Mapped | None = None
     if conf is not None:
         found = dict(conf.mapped).get(str(real_ip))
     if found is None and qubesdb is not None:
-        visible = qubesdb(f"/mapped-ip/{real_ip}/visible-ip")
+        visible_key, gateway_key = mapped_keys(real_ip)
+        visible = qubesdb(visible_key)
         if visible:
-            gateway = qubesdb(f"/mapped-ip/{real_ip}/visible-gateway")
+            gateway = qubesdb(gateway_key)
             found = Mapped(
                 real_ip,
                 parse_ipv4(visible, f"QubesDB visible-ip of {real_ip}"),
