@@ -3,9 +3,9 @@
 * :class:`QubesDb`: QubesDB as a JSON file of ``path -> value``, read by a
   ``qubesdb-read`` this module writes into a root-owned tools directory (the
   package finds it through ``VIF_HOTPLUG_TOOLS_DIR``, so it knows it runs in a
-  Qubes VM). Like Qubes' ``qubesdb-read``: one value per line for each path
-  asked, exit status 2 for a path that is absent (``network/vif-route-qubes``
-  ``qubesdb_read_bool`` takes 2 for "absent").
+  Qubes VM). Like Qubes' ``qubesdb-read`` (``client/qubesdb-cmd.c``): one
+  value per line for each path present (``path = value`` with ``-f``),
+  nothing for an absent one, and then exit status 2 (since qubesdb 4.1.13).
 * :class:`FirewallService`: Qubes' ``qubes-firewall`` as ``qubesagent/firewall.py``
   (qubes-core-agent-linux, its ``NftablesWorker``) builds its ruleset, with
   ``nft``: the same tables, chains, priorities, set and rule text, from the
@@ -339,16 +339,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--db", required=True, type=Path)
     p.add_argument("--resolv-conf", type=Path, default=Path("/etc/resolv.conf"))
     p.add_argument("command", choices=("read", "init", "reload"))
-    p.add_argument("paths", nargs="*")
+    p.add_argument("paths", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     db = QubesDb(args.db)
     if args.command == "read":
-        paths = [x for x in args.paths if x != "--"]
-        values = [db.read(x) for x in paths]
-        if any(v is None for v in values):
-            return 2
-        sys.stdout.write("".join(f"{v}\n" for v in values))
-        return 0
+        # As qubes-core-qubesdb's client/qubesdb-cmd.c cmd_read: -f prints "path = value", -q keeps
+        # quiet about a missing path; a missing path prints nothing and makes the status 2.
+        opts = {x for x in args.paths if x.startswith("-") and x != "--"}
+        paths = [x for x in args.paths if not x.startswith("-")]
+        failed = False
+        for path in paths:
+            value = db.read(path)
+            if value is None:
+                failed = True
+                if "-q" not in opts:
+                    sys.stderr.write(f"Failed to read {path}\n")
+                continue
+            sys.stdout.write(f"{path} = {value}\n" if "-f" in opts else f"{value}\n")
+        return 2 if failed else 0
     service = FirewallService(db, args.resolv_conf)
     service.init() if args.command == "init" else service.reload()
     return 0
