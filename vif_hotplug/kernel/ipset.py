@@ -2,29 +2,30 @@
 
 A hotplug event's requests (add, delete, test one member; does a set
 exist) go through :mod:`.nfnl`; creating, destroying and listing sets,
-which are rare, through pyroute2's ipset API. pyroute2 reports ipset's own
-errors as ``pyroute2.ipset._IPSetError`` (an internal class, hence the
-upper version bound on pyroute2 in setup.cfg); its ``code`` is an errno or
-one of ipset's codes above 4096.
+which are rare, through pyroute2's ipset API (the same calls in 0.7.2 and
+0.9). Both stacks' errors arrive as :class:`~.nlsock.NetlinkError` (pyroute2's
+translated by :func:`.pyroute2_errors.pyroute2_errors`), whose ``errno`` is
+an errno or one of ipset's codes above 4096; every failure leaves here as
+:class:`KernelError` naming the set.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from typing import Any
 
 from ..core.errors import KernelError
 from .nfnl import Nfnl
+from .pyroute2_errors import pyroute2_errors
 
 
 def _family(fam: int) -> int:
     return socket.AF_INET6 if fam == 6 else socket.AF_INET
 
 
-def _describe(code: int) -> str:
-    return os.strerror(code) if code < 4096 else f"ipset error {code}"
+def _text(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 Entry = tuple[str, str | None]
@@ -42,7 +43,9 @@ class IpSets:
         if self._ipset is None:
             from pyroute2 import IPSet
 
-            self._ipset = IPSet()
+            # pyroute2 0.7 asks the kernel for its ipset protocol version here.
+            with pyroute2_errors():
+                self._ipset = IPSet()
         return self._ipset
 
     def close(self) -> None:
@@ -51,32 +54,28 @@ class IpSets:
             sock.close()
         self._nfnl.close()
 
-    @staticmethod
-    def _error() -> type[Exception]:
-        from pyroute2.ipset import _IPSetError
-
-        return _IPSetError  # type: ignore[no-any-return]
-
     def ensure_set(self, name: str, stype: str, fam: int) -> None:
         """Create the set unless an identical one exists (the kernel checks type and family)."""
         try:
-            self._sock().create(name, stype=stype, family=_family(fam), exclusive=False)
-        except self._error() as exc:
-            raise KernelError(f"cannot create set {name} ({stype}): {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+            with pyroute2_errors():
+                self._sock().create(name, stype=stype, family=_family(fam), exclusive=False)
+        except OSError as exc:
+            raise KernelError(f"cannot create set {name} ({stype}): {_text(exc)}") from exc
 
     def exists(self, name: str) -> bool:
         try:
             return self._nfnl.ipset_exists(name)
         except OSError as exc:
-            raise KernelError(f"cannot read set {name}: {_describe(exc.errno or 0)}") from exc
+            raise KernelError(f"cannot read set {name}: {_text(exc)}") from exc
 
     def destroy(self, name: str) -> bool:
         try:
-            self._sock().destroy(name)
-        except self._error() as exc:
-            if exc.code == errno.ENOENT:  # type: ignore[attr-defined]
+            with pyroute2_errors():
+                self._sock().destroy(name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return False
-            raise KernelError(f"cannot destroy set {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+            raise KernelError(f"cannot destroy set {name}: {_text(exc)}") from exc
         return True
 
     def _member(self, op: str, name: str, fam: int, e: Entry) -> bool:
@@ -87,7 +86,7 @@ class IpSets:
             if op != "add" and exc.errno == errno.ENOENT:  # no such set: no such member
                 return False
             what = {"add": "add", "del": "remove", "test": "test"}[op]
-            raise KernelError(f"cannot {what} {e} in {name}: {_describe(exc.errno or 0)}") from exc
+            raise KernelError(f"cannot {what} {e} in {name}: {_text(exc)}") from exc
 
     def add(self, name: str, fam: int, e: Entry) -> bool:
         return self._member("add", name, fam, e)
@@ -102,19 +101,26 @@ class IpSets:
         """Every member of set ``name`` (empty if the set does not exist)."""
         out: list[Entry] = []
         try:
-            for msg in list(self._sock().list(name)):
-                adt = msg.get_attr("IPSET_ATTR_ADT")
-                if not adt:
-                    continue
-                for data in adt.get_attrs("IPSET_ATTR_DATA"):
-                    ip = data.get_attr("IPSET_ATTR_IP_FROM")
-                    addr = ip.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip.get_attr("IPSET_ATTR_IPADDR_IPV6")
-                    cidr = data.get_attr("IPSET_ATTR_CIDR")
-                    if cidr is None:
-                        cidr = 128 if ":" in str(addr) else 32
-                    out.append((f"{addr}/{cidr}", data.get_attr("IPSET_ATTR_IFACE")))
-        except self._error() as exc:
-            if exc.code == errno.ENOENT:  # type: ignore[attr-defined]
+            with pyroute2_errors():
+                # A list in 0.7, a generator in 0.9: read it whole inside the boundary.
+                for msg in list(self._sock().list(name)):
+                    adt = msg.get_attr("IPSET_ATTR_ADT")
+                    if not adt:
+                        continue
+                    for data in adt.get_attrs("IPSET_ATTR_DATA"):
+                        out.append(_entry(data))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return []
-            raise KernelError(f"cannot list set {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+            raise KernelError(f"cannot list set {name}: {_text(exc)}") from exc
         return out
+
+
+def _entry(data: Any) -> Entry:
+    """(network, interface) of one ``IPSET_ATTR_DATA`` of a listing, as pyroute2 decoded it."""
+    ip = data.get_attr("IPSET_ATTR_IP_FROM")
+    addr = ip.get_attr("IPSET_ATTR_IPADDR_IPV4") or ip.get_attr("IPSET_ATTR_IPADDR_IPV6")
+    cidr = data.get_attr("IPSET_ATTR_CIDR")
+    if cidr is None:
+        cidr = 128 if ":" in str(addr) else 32
+    return f"{addr}/{cidr}", data.get_attr("IPSET_ATTR_IFACE")
