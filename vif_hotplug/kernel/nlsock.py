@@ -75,6 +75,8 @@ RECV_BUFFER = 65536
 #: How many times a request is sent before an interrupted dump or lost
 #: answers become an error.
 ATTEMPTS = 4
+#: Plain ints: or-ing socket's IntFlag members costs microseconds a call.
+_MSG_TRUNC, _MSG_DONTWAIT = int(socket.MSG_TRUNC), int(socket.MSG_DONTWAIT)
 
 Message = tuple[int, int, bytes]
 """(type, flags, payload) of a request; NLM_F_REQUEST is added."""
@@ -160,11 +162,12 @@ def u32(value: int) -> bytes:
 
 def attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
     """(type without flags, value) of each attribute from ``offset`` on; stops at a malformed one."""
-    while offset + RTA.size <= len(data):
+    end = len(data)
+    while offset + 4 <= end:
         length, kind = RTA.unpack_from(data, offset)
-        if length < RTA.size or offset + length > len(data):
+        if length < 4 or offset + length > end:
             return
-        yield kind & 0x3FFF, data[offset + RTA.size : offset + length]
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
         offset += (length + 3) & ~3
 
 
@@ -173,10 +176,10 @@ def messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
 
     Raises :class:`NetlinkError` (``EPROTO``) on a length that does not fit.
     """
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
+    offset, end = 0, len(data)
+    while offset + NLMSGHDR.size <= end:
         length, mtype, mflags, mseq, _ = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > len(data):
+        if length < NLMSGHDR.size or offset + length > end:
             raise NetlinkError(errno.EPROTO, f"malformed netlink answer: a message of {length} bytes "
                                              f"at offset {offset} of a {len(data)}-byte datagram")
         yield mtype, mflags, mseq, data[offset + NLMSGHDR.size : offset + length]
@@ -328,13 +331,13 @@ class NetlinkSocket:
         wait = 0  # MSG_DONTWAIT once everything still to come is already queued
         while True:
             try:
-                n = self._sock.recv_into(self._buf, 0, socket.MSG_TRUNC | wait)
+                n = self._sock.recv_into(self._buf, 0, _MSG_TRUNC | wait)
             except BlockingIOError:
                 raise lost or _Incomplete(errno.ENOBUFS, "netlink answers were lost (receive queue overflow)") from None
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     raise
-                wait = socket.MSG_DONTWAIT
+                wait = _MSG_DONTWAIT
                 continue
             if n > len(self._buf):
                 seq = NLMSGHDR.unpack_from(self._buf)[3] if n >= NLMSGHDR.size else want
@@ -343,7 +346,7 @@ class NetlinkSocket:
                 if seq in sent:
                     lost = _Incomplete(errno.EMSGSIZE, f"a netlink answer of {n} bytes did not fit "
                                                        f"the {size}-byte receive buffer")
-                    wait = socket.MSG_DONTWAIT
+                    wait = _MSG_DONTWAIT
                 continue
             for mtype, mflags, mseq, payload in messages(bytes(memoryview(self._buf)[:n])):
                 if mseq not in sent:
