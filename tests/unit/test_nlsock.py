@@ -14,6 +14,8 @@ import socket
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vif_hotplug.kernel import nlsock
 from vif_hotplug.kernel.nfnl import NETLINK_NETFILTER
@@ -350,3 +352,14 @@ def test_requests_carry_increasing_sequence_numbers_and_the_request_flag() -> No
     headers = [nlsock.NLMSGHDR.unpack_from(data) for data in sock.sent]
     assert [h[3] for h in headers] == [1, 2]
     assert all(h[1] == RTM_GETLINK and h[2] & (nlsock.NLM_F_REQUEST | nlsock.NLM_F_ACK) for h in headers)
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_any_datagram_is_read_or_refused_as_malformed(data: bytes) -> None:
+    try:
+        for _, _, _, payload in nlsock.messages(data):
+            list(nlsock.attrs(payload))
+            nlsock.error_detail(nlsock.NLMSG_ERROR, nlsock.NLM_F_ACK_TLVS, payload, data)
+    except NetlinkError as exc:
+        assert exc.errno == errno.EPROTO
