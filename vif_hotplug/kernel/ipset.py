@@ -2,21 +2,22 @@
 
 A hotplug event's requests (add, delete, test one member; does a set
 exist) go through :mod:`.nfnl`; creating, destroying and listing sets,
-which are rare, through pyroute2's ipset API. pyroute2 reports ipset's own
-errors as ``pyroute2.ipset._IPSetError`` (an internal class, hence the
-upper version bound on pyroute2 in setup.cfg); its ``code`` is an errno or
-one of ipset's codes above 4096.
+which are rare, through pyroute2's ipset API (the same calls in 0.7.2 and
+0.9). Both stacks' errors arrive as :class:`~.nlsock.NetlinkError` (pyroute2's
+translated by :func:`.pyroute2_errors.pyroute2_errors`), whose ``errno`` is
+an errno or one of ipset's codes above 4096; every failure leaves here as
+:class:`KernelError` naming the set.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from typing import Any
 
 from ..core.errors import KernelError
 from .nfnl import Nfnl
+from .pyroute2_errors import pyroute2_errors
 from .set_dump import ipset_members
 
 
@@ -24,8 +25,8 @@ def _family(fam: int) -> int:
     return socket.AF_INET6 if fam == 6 else socket.AF_INET
 
 
-def _describe(code: int) -> str:
-    return os.strerror(code) if code < 4096 else f"ipset error {code}"
+def _text(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 Entry = tuple[str, str | None]
@@ -43,7 +44,9 @@ class IpSets:
         if self._ipset is None:
             from pyroute2 import IPSet
 
-            self._ipset = IPSet()
+            # pyroute2 0.7 asks the kernel for its ipset protocol version here.
+            with pyroute2_errors():
+                self._ipset = IPSet()
         return self._ipset
 
     def close(self) -> None:
@@ -52,32 +55,28 @@ class IpSets:
             sock.close()
         self._nfnl.close()
 
-    @staticmethod
-    def _error() -> type[Exception]:
-        from pyroute2.ipset import _IPSetError
-
-        return _IPSetError  # type: ignore[no-any-return]
-
     def ensure_set(self, name: str, stype: str, fam: int) -> None:
         """Create the set unless an identical one exists (the kernel checks type and family)."""
         try:
-            self._sock().create(name, stype=stype, family=_family(fam), exclusive=False)
-        except self._error() as exc:
-            raise KernelError(f"cannot create set {name} ({stype}): {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+            with pyroute2_errors():
+                self._sock().create(name, stype=stype, family=_family(fam), exclusive=False)
+        except OSError as exc:
+            raise KernelError(f"cannot create set {name} ({stype}): {_text(exc)}") from exc
 
     def exists(self, name: str) -> bool:
         try:
             return self._nfnl.ipset_exists(name)
         except OSError as exc:
-            raise KernelError(f"cannot read set {name}: {_describe(exc.errno or 0)}") from exc
+            raise KernelError(f"cannot read set {name}: {_text(exc)}") from exc
 
     def destroy(self, name: str) -> bool:
         try:
-            self._sock().destroy(name)
-        except self._error() as exc:
-            if exc.code == errno.ENOENT:  # type: ignore[attr-defined]
+            with pyroute2_errors():
+                self._sock().destroy(name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
                 return False
-            raise KernelError(f"cannot destroy set {name}: {_describe(exc.code)}") from exc  # type: ignore[attr-defined]
+            raise KernelError(f"cannot destroy set {name}: {_text(exc)}") from exc
         return True
 
     def _member(self, op: str, name: str, fam: int, e: Entry) -> bool:
@@ -88,7 +87,7 @@ class IpSets:
             if op != "add" and exc.errno == errno.ENOENT:  # no such set: no such member
                 return False
             what = {"add": "add", "del": "remove", "test": "test"}[op]
-            raise KernelError(f"cannot {what} {e} in {name}: {_describe(exc.errno or 0)}") from exc
+            raise KernelError(f"cannot {what} {e} in {name}: {_text(exc)}") from exc
 
     def add(self, name: str, fam: int, e: Entry) -> bool:
         return self._member("add", name, fam, e)
@@ -104,4 +103,4 @@ class IpSets:
         try:
             return ipset_members(self._nfnl, name)
         except OSError as exc:
-            raise KernelError(f"cannot list set {name}: {_describe(exc.errno or 0)}") from exc
+            raise KernelError(f"cannot list set {name}: {_text(exc)}") from exc

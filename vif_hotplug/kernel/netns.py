@@ -5,6 +5,11 @@
 ``/proc/sys/net`` files opened inside stay bound to it) without disturbing
 other threads of a resident agent. It returns through
 ``/proc/thread-self/ns/net``: ``/proc/self`` would name the main thread's.
+
+Creating and removing namespaces and veth pairs goes through pyroute2
+(rare, and its veth request is richer); its errors are translated by
+:func:`.pyroute2_errors.pyroute2_errors`, and every failure leaves here as
+:class:`KernelError` naming the object.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 from ..core.errors import DeviceGone, KernelError
 from ..core.model import LinkNetns, Netns, Veth
 from .nlsock import NetlinkError
+from .pyroute2_errors import pyroute2_errors
 from .rtnl import Rtnl
 
 NETNS_DIR = "/run/netns"
@@ -102,7 +108,9 @@ class Namespaces:
         from pyroute2 import netns
 
         try:
-            netns.create(n.name)
+            # pyroute2 0.7 re-raises whatever its child process raised; 0.9 its own errors.
+            with pyroute2_errors():
+                netns.create(n.name)
         except OSError as exc:
             raise KernelError(f"cannot create {n}: {exc.strerror or exc}") from exc
         return True
@@ -115,7 +123,8 @@ class Namespaces:
 
         self._rtnl_in.forget(n.name)
         try:
-            netns.remove(n.name)
+            with pyroute2_errors():
+                netns.remove(n.name)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise KernelError(f"cannot remove {n}: {exc.strerror or exc}") from exc
@@ -177,16 +186,16 @@ class Namespaces:
         if self._rtnl.link(v.dev) is not None:
             raise KernelError(f"cannot add {v}: a device named {v.dev} is still here")
         from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 
         try:
-            with IPRoute() as ipr:
+            # ext_ack: a refusal carries the kernel's reason (an option in 0.7.2 and 0.9 alike).
+            with pyroute2_errors(), IPRoute(ext_ack=True) as ipr:
                 ipr.link(
                     "add", ifname=v.dev, kind="veth", address=v.mac,
                     peer={"ifname": v.peer, "address": v.peer_mac, "net_ns_fd": v.peer_netns},
                 )
-        except (PyNetlinkError, OSError) as exc:
-            raise KernelError(f"cannot add {v}: {exc}") from exc
+        except OSError as exc:
+            raise KernelError(f"cannot add {v}: {exc.strerror or exc}") from exc
         return True
 
     def remove_veth(self, v: Veth) -> bool:
@@ -197,14 +206,13 @@ class Namespaces:
         if link is None:
             return False
         from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 
         try:
-            with IPRoute() as ipr:
+            with pyroute2_errors(), IPRoute(ext_ack=True) as ipr:
                 ipr.link("del", index=link.index)
-        except PyNetlinkError as exc:
-            if exc.code != errno.ENODEV:
-                raise KernelError(f"cannot remove {v}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise KernelError(f"cannot remove {v}: {exc.strerror or exc}") from exc
         return True
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import ip_address, ip_network
 
 from .nlsock import (
@@ -29,6 +29,7 @@ from .nlsock import (
     NLM_F_EXCL,
     NetlinkError,
     NetlinkSocket,
+    RawSocket,
     attr,
     attrs,
     cstr,
@@ -93,15 +94,15 @@ def nft_key(address: str, dev: str | None = None) -> bytes:
 class Nfnl(NetlinkSocket):
     """One netfilter netlink socket, opened on first use in the namespace current then."""
 
-    def __init__(self) -> None:
-        super().__init__(NETLINK_NETFILTER)
+    def __init__(self, opener: Callable[[int], RawSocket] | None = None) -> None:
+        super().__init__(NETLINK_NETFILTER, opener=opener)
 
     # --- nf_tables ---------------------------------------------------------------------
 
     def nft_genid(self) -> int:
         """The ruleset generation: every committed transaction adds one."""
         kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
-        for _, payload in self.request(kind, 0, _nfgen(NFPROTO_UNSPEC)):
+        for _, payload in self.request(kind, 0, _nfgen(NFPROTO_UNSPEC), read_only=True):
             for t, v in attrs(payload, _NFGENMSG.size):
                 if t == NFTA_GEN_ID:
                     return int(struct.unpack(">I", v[:4])[0])
@@ -119,7 +120,7 @@ class Nfnl(NetlinkSocket):
                          nested(NFTA_LIST_ELEM, nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)))))
         try:
             if op == "get":
-                self.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, 0, body)
+                self.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, 0, body, read_only=True)
                 return True
             kind, flags = ((NFT_MSG_NEWSETELEM, NLM_F_CREATE | NLM_F_EXCL) if op == "add" else (NFT_MSG_DELSETELEM, 0))
             batch = _nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES)
@@ -194,7 +195,8 @@ class Nfnl(NetlinkSocket):
         cmd = {"add": IPSET_CMD_ADD, "del": IPSET_CMD_DEL, "test": IPSET_CMD_TEST}[op]
         try:
             # EXCL: an add of a member or a delete of a non-member says so.
-            self.request((NFNL_SUBSYS_IPSET << 8) | cmd, NLM_F_EXCL if op != "test" else 0, body)
+            self.request((NFNL_SUBSYS_IPSET << 8) | cmd, NLM_F_EXCL if op != "test" else 0, body,
+                         read_only=op == "test")
             return True
         except NetlinkError as exc:
             if exc.errno == IPSET_ERR_EXIST:
@@ -205,7 +207,7 @@ class Nfnl(NetlinkSocket):
         body = (_nfgen(NFPROTO_UNSPEC) + attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
                 + attr(IPSET_ATTR_SETNAME, cstr(name)))
         try:
-            self.request((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_HEADER, 0, body)
+            self.request((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_HEADER, 0, body, read_only=True)
         except NetlinkError as exc:
             if exc.errno == errno.ENOENT:
                 return False

@@ -16,10 +16,11 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
 
-from .nlsock import NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, NetlinkSocket
+from .nlsock import NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NetlinkError, NetlinkSocket, RawSocket
 from .nlsock import attr as _attr
 from .nlsock import attrs as _attrs
 from .nlsock import cstr as _str
@@ -51,6 +52,8 @@ _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
+#: Requests that change nothing, safe to send again when answers were lost.
+_READS = frozenset({RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETNEIGH})
 
 
 def _family(addr: str) -> int:
@@ -84,13 +87,19 @@ class RouteInfo:
 
 
 class Rtnl(NetlinkSocket):
-    """One rtnetlink socket (strict dump checking), opened on first use in the namespace current then."""
+    """One rtnetlink socket, opened on first use in the namespace current then.
 
-    def __init__(self) -> None:
-        super().__init__(socket.NETLINK_ROUTE, strict=True)
+    Strict dump checking when the kernel has it (Linux 4.20): the address
+    and route dumps of one interface are then filtered by the kernel; on an
+    older kernel they carry the whole table and are filtered here (the
+    decoders check index, table and output interface either way).
+    """
+
+    def __init__(self, opener: Callable[[int], RawSocket] | None = None) -> None:
+        super().__init__(socket.NETLINK_ROUTE, strict=True, opener=opener)
 
     def _request(self, kind: int, flags: int, body: bytes) -> list[tuple[int, bytes]]:
-        return self.request(kind, flags, body)
+        return self.request(kind, flags, body, read_only=kind in _READS)
 
     # --- links -----------------------------------------------------------------------
 
@@ -170,7 +179,7 @@ class Rtnl(NetlinkSocket):
             self._request(RTM_DELADDR, 0, body)
 
     def addresses(self, index: int) -> set[str]:
-        """``address/prefixlen`` of every address on ``index`` (a dump filtered by the kernel)."""
+        """``address/prefixlen`` of every address on ``index`` (a dump the kernel filters when strict)."""
         body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, index)
         out: set[str] = set()
         for kind, payload in self._request(RTM_GETADDR, NLM_F_DUMP, body):
@@ -212,8 +221,10 @@ class Rtnl(NetlinkSocket):
     def routes(self, oif: int, family: int) -> list[tuple[str, int]]:
         """(destination/prefix, metric) of the main table's routes through ``oif``.
 
-        A dump the kernel filters by interface (strict checking), so it costs
-        one vif's worth of messages whatever the number of VMs.
+        A dump the kernel filters by table and interface under strict
+        checking, so it costs one vif's worth of messages whatever the
+        number of VMs; without it (before Linux 4.20) the whole routing
+        table comes and is filtered here.
         """
         body = _RTMSG.pack(family, 0, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0) + _attr(RTA_OIF, _u32(oif))
         out: list[tuple[str, int]] = []
