@@ -321,11 +321,16 @@ if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
     sys.exit(main())
 """
-#: What install.sh puts on PATH (/usr/local/bin): the thin client under ``python3 -I -S``.
+#: What goes on PATH for each tool: the thin client under ``python3 -I -S``, imported from the
+#: directory that holds the package (as the ``/etc/xen/scripts`` wrapper does).
 PATH_WRAPPER = """#!/bin/sh
-exec "{prefix}/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; import vif_hotplug_client; \
-vif_hotplug_client.main()' "{prefix}/libexec" {tool} "$@"
+exec "{prefix}/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; \
+from vif_hotplug.agent import client; client.main()' "{site}" {tool} "$@"
 """
+#: The fixed paths of ``etc/xen/scripts/vif-route-qubes`` (Debian's interpreter and package
+#: directory), replaced by the emulated prefix's.
+WRAPPER_PYTHON = "/usr/bin/python3"
+WRAPPER_SITE = "/usr/lib/python3/dist-packages"
 ENTRY_POINTS = {"vif-route-qubes": "vif_hotplug.vif_route", "vif-hotplug": "vif_hotplug.cli",
                 "qubes-setup-dnat-to-ns": "vif_hotplug.setup_dnat_to_ns"}
 
@@ -357,7 +362,7 @@ class Run:
         #: The product's interpreter and console scripts.
         self.python = str(self.prefix / "bin/python3")
         self.bin = Path(venv_python).parent if live else self.prefix / "bin"
-        self.wrapper = WRAPPER if live else self.prefix / "vif-route-qubes"
+        self.wrapper = self.prefix / "vif-route-qubes"
         self.client = self.prefix / "libexec/vif_hotplug_client.py"
 
     def _install_prefix(self) -> None:
@@ -376,16 +381,22 @@ class Run:
         os.symlink(self.venv_python, p / "bin/python3")
         shutil.copy(venv / "pyvenv.cfg", p / "pyvenv.cfg")
         (p / "path").mkdir()
+        src_site = next((venv / "lib").glob("python3.*/site-packages"))
+        site = REPO if self.live else p / "lib" / src_site.parent.name / "site-packages"
         for tool in ENTRY_POINTS:
             wrapper = p / "path" / tool
-            wrapper.write_text(PATH_WRAPPER.format(prefix=p, tool=tool))
+            wrapper.write_text(PATH_WRAPPER.format(prefix=p, site=site, tool=tool))
             wrapper.chmod(0o755)
+        text = WRAPPER.read_text()
+        if WRAPPER_PYTHON not in text or WRAPPER_SITE not in text:
+            raise RuntimeError(f"{WRAPPER}: its interpreter or package directory moved; update the harness")
+        (p / "vif-route-qubes").write_text(text.replace(WRAPPER_PYTHON, str(p / "bin/python3"))
+                                           .replace(WRAPPER_SITE, str(site)))
+        (p / "vif-route-qubes").chmod(0o755)
         if self.live:
             os.symlink(CLIENT, p / "libexec/vif_hotplug_client.py")
             os.symlink(venv / "lib", p / "lib")
             return
-        src_site = next((venv / "lib").glob("python3.*/site-packages"))
-        site = p / "lib" / src_site.parent.name / "site-packages"
         site.mkdir(parents=True)
         for entry in src_site.iterdir():
             if entry.name.startswith(("__editable__", "vif_hotplug", "vif-hotplug")):
@@ -396,7 +407,6 @@ class Run:
         sh(self.venv_python, "-m", "compileall", "-q", str(site / "vif_hotplug"))
         shutil.copy(site / "vif_hotplug/agent/client.py", p / "libexec/vif_hotplug_client.py")
         sh(self.venv_python, "-m", "compileall", "-q", str(p / "libexec"))
-        shutil.copy(WRAPPER, p / "vif-route-qubes")
         for name, module in ENTRY_POINTS.items():
             script = p / "bin" / name
             script.write_text(CONSOLE_SCRIPT.format(python=p / "bin/python3", module=module))
