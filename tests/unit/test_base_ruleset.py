@@ -96,8 +96,13 @@ def test_downstream_out_drops_packets_leaving_a_non_vm_interface_towards_a_vm_or
     ip = "ip6" if family == 6 else "ip"
     c = chain(antispoof_ruleset((4, 6)), family, "downstream-out")
     assert c.hook == Hook("postrouting", "filter", PRIORITY["raw"])
-    assert [r.text(family) for r in c.rules] == [f"oifgroup != 2 {ip} daddr @downstream counter drop",
-                                                 f"oifgroup != 2 {ip} daddr @connected counter drop"]
+    assert [r.text(family) for r in c.rules] == ["oifgroup 2 accept", f"{ip} daddr @downstream counter drop",
+                                                 f"{ip} daddr @connected counter drop"]
+
+
+def test_packets_towards_vm_interfaces_leave_downstream_out_after_one_comparison() -> None:
+    first = chain(antispoof_ruleset((4,)), 4, "downstream-out").rules[0]
+    assert (first.match, first.verdict) == ((IfGroup("out", 2),), Accept())
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -336,8 +341,9 @@ AS_NFT_PRINTS: list[tuple[Ruleset, Family, str, str, int, str]] = [
     (OPEN, 4, "qubes", "prerouting", 2, "ip saddr @downstream counter packets 0 bytes 0 drop"),
     (OPEN, 4, "qubes", "antispoof", 0, "iifname . ip saddr @allowed accept"),
     (OPEN, 4, "qubes", "antispoof", 1, "counter packets 0 bytes 0 drop"),
-    (OPEN, 4, "qubes", "downstream-out", 0, "oifgroup != 2 ip daddr @downstream counter packets 0 bytes 0 drop"),
-    (OPEN, 4, "qubes", "downstream-out", 1, "oifgroup != 2 ip daddr @connected counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "downstream-out", 0, "oifgroup 2 accept"),
+    (OPEN, 4, "qubes", "downstream-out", 1, "ip daddr @downstream counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "downstream-out", 2, "ip daddr @connected counter packets 0 bytes 0 drop"),
     (OPEN, 4, "qubes", "postrouting", 1, 'oif "lo" accept'),
     (OPEN, 4, "qubes", "postrouting", 2, "masquerade"),
     (OPEN, 4, "qubes", "forward", 0, "jump custom-forward"),
