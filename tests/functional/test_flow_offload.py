@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from vif_hotplug.kernel.iptables_backend import IptablesBackend
+from vif_hotplug.kernel.netns import thread_netns
+from vif_hotplug.kernel.nfnl import Nfnl
 from vif_hotplug.kernel.nftables_backend import NftablesBackend
 
 from .conftest import NetnsFactory
@@ -48,11 +50,23 @@ def accel_table(netvm: Netvm) -> list[dict[str, object]] | None:
     return json.loads(proc.stdout)["nftables"] if proc.returncode == 0 else None
 
 
+def generation(netvm: Netvm) -> int:
+    """The namespace's nftables generation: every committed transaction moves it, even one that
+    adds and deletes the same table (which a listing would not show)."""
+    nfnl = Nfnl()
+    try:
+        with thread_netns(netvm.ns.name):
+            nfnl.open()
+        return nfnl.nft_genid()
+    finally:
+        nfnl.close()
+
+
 def test_the_flowtable_probe_changes_nothing(netvm: Netvm) -> None:
     netvm.tool("init")
-    before = netvm.ns.run("nft", "-j", "list", "ruleset").stdout
+    before = (netvm.ns.run("nft", "-j", "list", "ruleset").stdout, generation(netvm))
     probe(netvm)
-    assert netvm.ns.run("nft", "-j", "list", "ruleset").stdout == before
+    assert (netvm.ns.run("nft", "-j", "list", "ruleset").stdout, generation(netvm)) == before
 
 
 def test_init_installs_flow_offload_exactly_where_the_probe_finds_flowtables(netvm: Netvm) -> None:
