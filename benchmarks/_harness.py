@@ -326,6 +326,10 @@ PATH_WRAPPER = """#!/bin/sh
 exec "{prefix}/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; \
 from vif_hotplug.agent import client; client.main()' "{site}" {tool} "$@"
 """
+#: The fixed paths of ``etc/xen/scripts/vif-route-qubes`` (Debian's interpreter and package
+#: directory), replaced by the emulated prefix's.
+WRAPPER_PYTHON = "/usr/bin/python3"
+WRAPPER_SITE = "/usr/lib/python3/dist-packages"
 ENTRY_POINTS = {"vif-route-qubes": "vif_route_qubes", "vif-hotplug": "vif_hotplug",
                 "qubes-setup-dnat-to-ns": "qubes_setup_dnat_to_ns"}
 
@@ -396,8 +400,11 @@ class Run:
             wrapper = p / "path" / tool
             wrapper.write_text(PATH_WRAPPER.format(prefix=p, site=site, tool=tool))
             wrapper.chmod(0o755)
-        xen = WRAPPER.read_text().replace("/usr/bin/python3", str(p / "bin/python3"))
-        (p / "vif-route-qubes").write_text(xen.replace("/usr/lib/python3/dist-packages", str(site)))
+        xen = WRAPPER.read_text()
+        if WRAPPER_PYTHON not in xen or WRAPPER_SITE not in xen:
+            raise RuntimeError(f"{WRAPPER}: its interpreter or package directory moved; update the harness")
+        xen = xen.replace(WRAPPER_PYTHON, str(p / "bin/python3"))
+        (p / "vif-route-qubes").write_text(xen.replace(WRAPPER_SITE, str(site)))
         (p / "vif-route-qubes").chmod(0o755)
 
     def netns(self, role: str) -> Netns:

@@ -51,7 +51,7 @@ ANTISPOOF4 = {
     "prerouting": ["iifgroup 2 goto antispoof", "iifname vif* drop", "ip saddr @downstream drop",
                    "ip saddr @connected drop"],
     "antispoof": ["iifname . ip saddr @allowed accept", "drop"],
-    "downstream-out": ["ip daddr @downstream oifgroup != 2 drop", "ip daddr @connected oifgroup != 2 drop"],
+    "downstream-out": ["oifgroup 2 accept", "ip daddr @downstream drop", "ip daddr @connected drop"],
 }
 
 

@@ -19,6 +19,7 @@ from vif_hotplug.core.firewall import (
     DPort,
     Drop,
     Family,
+    FlowtableDevice,
     Hook,
     IcmpType,
     IfGroup,
@@ -31,7 +32,15 @@ from vif_hotplug.core.firewall import (
     rule,
 )
 from vif_hotplug.core.model import Step, Sysctl
-from vif_hotplug.core.plan_base import antispoof_ruleset, base_ruleset, plan_base, plan_stop
+from vif_hotplug.core.plan_base import (
+    antispoof_ruleset,
+    base_ruleset,
+    flow_offload,
+    flowtable_device,
+    plan_base,
+    plan_flow_offload,
+    plan_stop,
+)
 from vif_hotplug.core.plan_dns import plan_dns_ruleset
 from vif_hotplug.core.plan_nat import NatNamespace, nat_ruleset
 
@@ -87,8 +96,13 @@ def test_downstream_out_drops_packets_leaving_a_non_vm_interface_towards_a_vm_or
     ip = "ip6" if family == 6 else "ip"
     c = chain(antispoof_ruleset((4, 6)), family, "downstream-out")
     assert c.hook == Hook("postrouting", "filter", PRIORITY["raw"])
-    assert [r.text(family) for r in c.rules] == [f"oifgroup != 2 {ip} daddr @downstream counter drop",
-                                                 f"oifgroup != 2 {ip} daddr @connected counter drop"]
+    assert [r.text(family) for r in c.rules] == ["oifgroup 2 accept", f"{ip} daddr @downstream counter drop",
+                                                 f"{ip} daddr @connected counter drop"]
+
+
+def test_packets_towards_vm_interfaces_leave_downstream_out_after_one_comparison() -> None:
+    first = chain(antispoof_ruleset((4,)), 4, "downstream-out").rules[0]
+    assert (first.match, first.verdict) == ((IfGroup("out", 2),), Accept())
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -327,8 +341,9 @@ AS_NFT_PRINTS: list[tuple[Ruleset, Family, str, str, int, str]] = [
     (OPEN, 4, "qubes", "prerouting", 2, "ip saddr @downstream counter packets 0 bytes 0 drop"),
     (OPEN, 4, "qubes", "antispoof", 0, "iifname . ip saddr @allowed accept"),
     (OPEN, 4, "qubes", "antispoof", 1, "counter packets 0 bytes 0 drop"),
-    (OPEN, 4, "qubes", "downstream-out", 0, "oifgroup != 2 ip daddr @downstream counter packets 0 bytes 0 drop"),
-    (OPEN, 4, "qubes", "downstream-out", 1, "oifgroup != 2 ip daddr @connected counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "downstream-out", 0, "oifgroup 2 accept"),
+    (OPEN, 4, "qubes", "downstream-out", 1, "ip daddr @downstream counter packets 0 bytes 0 drop"),
+    (OPEN, 4, "qubes", "downstream-out", 2, "ip daddr @connected counter packets 0 bytes 0 drop"),
     (OPEN, 4, "qubes", "postrouting", 1, 'oif "lo" accept'),
     (OPEN, 4, "qubes", "postrouting", 2, "masquerade"),
     (OPEN, 4, "qubes", "forward", 0, "jump custom-forward"),
@@ -363,3 +378,42 @@ def test_rule_text_is_what_nft_prints(
     rs: Ruleset, family: Family, table: str, name: str, index: int, printed: str
 ) -> None:
     assert rs.table(family, table).chain(name).rules[index].text(family) == as_compared(printed)
+
+
+# --- flow offload (current Qubes' inet qubes-nat-accel) --------------------------------------------
+
+
+def test_flow_offload_is_current_qubes_nat_accel_table() -> None:
+    f = flow_offload(["vif5.0"])
+    assert (f.table, f.flowtable, f.from_group, f.to_group, f.forward_priority, f.ingress_priority) == (
+        "qubes-nat-accel", "qubes-accel", 2, 1, PRIORITY["filter"] + 5, 0,
+    )
+
+
+def test_flow_offload_lists_each_device_once_in_order() -> None:
+    assert flow_offload(["vif7.0", "eth0", "vif7.0", "vif12.0"]).devices == ("eth0", "vif12.0", "vif7.0")
+
+
+def test_flow_offload_shows_its_flowtable_and_rule_for_dry_run() -> None:
+    assert flow_offload(["eth0"]).lines() == [
+        "firewall flow offload:",
+        "  flowtable inet qubes-nat-accel qubes-accel { hook ingress priority 0; devices = { eth0 } }",
+        "  chain inet qubes-nat-accel qubes-accel { type filter hook forward priority 5; policy accept; }",
+        "    meta l4proto { tcp, udp } iifgroup 2 oifgroup 1 flow add @qubes-accel",
+    ]
+
+
+def test_without_flowtables_init_plans_no_offload_and_says_why() -> None:
+    got = plan_flow_offload("the kernel refused a flowtable", ["vif5.0"], ["eth0"])
+    assert (got.step, got.note) == (
+        None, "no flow offload: the kernel refused a flowtable; every packet takes the netfilter path",
+    )
+
+
+def test_with_flowtables_init_offloads_over_the_vifs_and_the_uplinks() -> None:
+    got = plan_flow_offload(None, ["vif5.0", "vif6.0"], ["eth0"])
+    assert got.step == Step("ensure", flow_offload(["eth0", "vif5.0", "vif6.0"]))
+
+
+def test_a_vif_joins_the_flowtable_by_its_name() -> None:
+    assert flowtable_device("vif5.0") == FlowtableDevice("vif5.0", "qubes-nat-accel", "qubes-accel")

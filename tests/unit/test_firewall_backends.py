@@ -39,16 +39,19 @@ from vif_hotplug.core.firewall import (
     SetElement,
     rule,
 )
-from vif_hotplug.core.plan_base import antispoof_ruleset, base_ruleset
+from vif_hotplug.core.plan_base import antispoof_ruleset, base_ruleset, flow_offload, flowtable_device
 from vif_hotplug.core.plan_dns import plan_dns_ruleset
 from vif_hotplug.core.plan_nat import NatNamespace, nat_ruleset
 from vif_hotplug.kernel import firewall_backend
 from vif_hotplug.kernel.firewall_backend import choose_backend, iptables_flavour
 from vif_hotplug.kernel.iptables_backend import NAMES, IptablesBackend, _describe_rule, ipset_name, ipset_type
 from vif_hotplug.kernel.nftables_backend import (
+    PROBE_TABLE,
     NftablesBackend,
     _element_value,
     _normalise,
+    _offload_commands,
+    _offload_drift,
     _parse_element,
     _set_specs,
     render_rule,
@@ -336,3 +339,95 @@ def test_auto_follows_the_hosts_iptables(
 def test_auto_without_iptables_is_nftables(tmp_path: Path) -> None:
     assert not os.path.exists(tmp_path / "iptables")
     assert choose_backend("auto", str(tmp_path)) == "nftables"
+
+
+# --- flow offload ------------------------------------------------------------------------------------------
+
+OFFLOAD = flow_offload(["eth0", "vif5.0"])
+OFFLOAD_RULE = [match(meta("l4proto"), {"set": ["tcp", "udp"]}), match(meta("iifgroup"), 2),
+                match(meta("oifgroup"), 1), {"flow": {"op": "add", "flowtable": "@qubes-accel"}}]
+
+
+def test_flow_offload_renders_as_current_qubes_recreates_its_table() -> None:
+    table = {"family": "inet", "name": "qubes-nat-accel"}
+    assert _offload_commands(OFFLOAD) == [
+        {"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}},
+        {"add": {"flowtable": {"family": "inet", "table": "qubes-nat-accel", "name": "qubes-accel", "hook": "ingress",
+                               "prio": 0, "dev": ["eth0", "vif5.0"]}}},
+        {"add": {"chain": {"family": "inet", "table": "qubes-nat-accel", "name": "qubes-accel", "type": "filter",
+                           "hook": "forward", "prio": 5, "policy": "accept"}}},
+        {"add": {"rule": {"family": "inet", "table": "qubes-nat-accel", "chain": "qubes-accel",
+                          "expr": OFFLOAD_RULE}}},
+    ]
+
+
+def test_a_flowtable_without_devices_is_rendered_without_a_device_list() -> None:
+    flowtable = _offload_commands(flow_offload([]))[3]["add"]["flowtable"]
+    assert "dev" not in flowtable
+
+
+def listed_offload(devices: Any, prio: int = 5, rule_expr: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``nft -j list table inet qubes-nat-accel`` as libnftables prints it (one device reads as a string)."""
+    return [
+        {"table": {"family": "inet", "name": "qubes-nat-accel"}},
+        {"flowtable": {"family": "inet", "table": "qubes-nat-accel", "name": "qubes-accel", "hook": "ingress",
+                       "prio": 0, "dev": devices}},
+        {"chain": {"family": "inet", "table": "qubes-nat-accel", "name": "qubes-accel", "type": "filter",
+                   "hook": "forward", "prio": prio, "policy": "accept"}},
+        {"rule": {"family": "inet", "table": "qubes-nat-accel", "chain": "qubes-accel",
+                  "expr": rule_expr if rule_expr is not None else OFFLOAD_RULE}},
+    ]
+
+
+def test_flow_offload_in_place_has_no_drift_even_with_the_vifs_onlines_added() -> None:
+    assert _offload_drift(OFFLOAD, listed_offload(["eth0", "vif5.0", "vif9.0"])) == []
+
+
+def test_a_missing_flow_offload_table_is_drift() -> None:
+    assert _offload_drift(OFFLOAD, None) == ["table inet qubes-nat-accel missing"]
+
+
+def test_devices_the_flowtable_lacks_are_the_only_drift_when_the_rest_is_in_place() -> None:
+    assert _offload_drift(OFFLOAD, listed_offload("eth0")) == [
+        "flowtable inet qubes-nat-accel qubes-accel lacks vif5.0"]
+
+
+@pytest.mark.parametrize("listed", [listed_offload(["eth0", "vif5.0"], prio=0),
+                                    listed_offload(["eth0", "vif5.0"], rule_expr=OFFLOAD_RULE[1:])],
+                         ids=["other priority", "other rule"])
+def test_an_offload_chain_that_differs_is_drift(listed: list[dict[str, Any]]) -> None:
+    assert _offload_drift(OFFLOAD, listed) == ["chain inet qubes-nat-accel qubes-accel missing or differs"]
+
+
+def test_the_probe_finds_flow_offload_where_the_kernel_takes_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = NftablesBackend("/nonexistent.lock", 1.0)
+    monkeypatch.setattr(b, "_dry_run", lambda text: (0, ""))
+    assert b.flow_offload_missing() is None
+
+
+def test_the_probe_says_why_where_the_kernel_has_no_flowtables(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = NftablesBackend("/nonexistent.lock", 1.0)
+    # What libnftables 1.0.6 answered on this project's kernel (CONFIG_NF_FLOW_TABLE not set).
+    err = ("Error: Could not process rule: No such file or directory\n"
+           "add flowtable inet qubes-nat-accel-probe ft { hook ingress priority 0; }\n")
+    monkeypatch.setattr(b, "_dry_run", lambda text: (1, err))
+    assert b.flow_offload_missing() == (
+        "the kernel refused a flowtable (Could not process rule: No such file or directory): it needs "
+        "CONFIG_NF_FLOW_TABLE, CONFIG_NF_FLOW_TABLE_INET and CONFIG_NFT_FLOW_OFFLOAD")
+
+
+def test_the_probe_sends_a_throw_away_table_with_the_flowtable_and_its_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = NftablesBackend("/nonexistent.lock", 1.0)
+    sent: list[str] = []
+    monkeypatch.setattr(b, "_dry_run", lambda text: (sent.append(text), (0, ""))[1])
+    b.flow_offload_missing()
+    assert [line.split(" {")[0] for line in sent[0].splitlines()] == [
+        f"add table inet {PROBE_TABLE}", f"add flowtable inet {PROBE_TABLE} ft", f"add chain inet {PROBE_TABLE} c",
+        f"add rule inet {PROBE_TABLE} c meta l4proto",
+    ]
+
+
+def test_iptables_has_no_flow_offload_and_does_nothing_about_it() -> None:
+    b = IptablesBackend("/nonexistent.lock", 1.0)
+    assert (b.flow_offload_missing() is not None, b.ensure_offload(OFFLOAD), b.add_flow_device(
+        flowtable_device("vif5.0"))) == (True, False, False)

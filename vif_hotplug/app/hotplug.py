@@ -45,6 +45,7 @@ from ..xenstore_env import (
     report_connected,
     report_error,
 )
+from . import offload
 from .applier import apply_all_or_nothing, apply_best_effort, rollback
 from .connected import source_text
 from .ports import HotplugHost, Lock
@@ -180,6 +181,7 @@ def _online(
             dev, event.vif.domid, vm, netvm, facts, settings.hooks_dir, rename_from, mapped, already,
             hosts, harden, stale,
         ))
+        plan = offload.with_device(plan, settings, dev, fresh=facts.group != VIF_GROUP)
         plan, synced = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
         _log_plan(plan)
         if dry_run:
@@ -231,6 +233,7 @@ def _offline(
         plan = plan_offline(OfflineInputs(
             dev, event.vif.domid, networks, netvm, facts, settings.hooks_dir, vif_type, harden,
         ))
+        plan = offload.without_device(plan, settings, dev, exists=facts.exists)
         plan, synced = _with_connected(plan, connected, host, facts.ipv6_in_kernel)
         _log_plan(plan)
         if dry_run:

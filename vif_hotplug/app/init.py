@@ -17,6 +17,11 @@ In order, each step idempotent:
    back whole;
 3. when the firewall backend changed, this package's objects in the other
    backend removed, only now that the new anti-spoofing is in place.
+
+Last in step 1, flow offload: where the kernel can have a flowtable (a probe
+that changes nothing), current Qubes' ``inet qubes-nat-accel`` over the VM
+interfaces and uplinks; where it cannot, one log line
+(:mod:`vif_hotplug.app.offload`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..core.handlers import StepHook
 from ..core.model import KernelModule, Plan, Step
 from ..core.plan_base import plan_stop
 from ..core.plan_dns import dnat_targets
+from . import offload
 from .applier import Applied, apply_all_or_nothing
 from .backend_state import Marker, other, read_marker, write_marker
 from .dns import forget_flows
@@ -91,13 +97,20 @@ def initialize(
         if host.module_loadable(NETBACK):
             # After the firewall: the vifs netback makes are born into it.
             plan = replace(plan, steps=(*plan.steps, Step("run", KernelModule(NETBACK))))
+        accel = offload.plan_for_init(host)
+        plan = replace(plan, steps=(*plan.steps, accel.step) if accel.step is not None else plan.steps,
+                       notes=(*plan.notes, accel.note))
         for note in plan.notes:
             log.info("%s", note)
         if dry_run:
             return InitResult(0, plan)
         with lock():
             prune(settings.state_dir)
-            applied = apply_init(plan, host, on_step)
+            firewall = replace(plan, steps=plan.steps[:-1]) if accel.step is not None else plan
+            applied = apply_init(firewall, host, on_step)
+            # Flow offload only speeds up what the firewall accepted: its failure fails nothing.
+            # Recorded before reconcile, so the vifs it brings online join the flowtable.
+            offload.record(settings, accel.step is not None and offload.install(accel.step, host))
             host.record_connected(None)  # the next event compares the connected sets in full again
             changes = len(applied.changed)
             if any(s.target.what == "dns" for s in applied.changed if isinstance(s.target, Ruleset)):

@@ -374,6 +374,66 @@ class Ruleset:
         return f"firewall {self.what}"
 
 
+# --- flow offload ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FlowOffload:
+    """Flow offload through a netfilter flowtable, in a table of its own (family ``inet``).
+
+    A flowtable ``flowtable`` hooked at ingress (priority ``ingress_priority``)
+    on ``devices``, and a base chain (hook forward, priority
+    ``forward_priority``, after the filter chains have accepted the packet)
+    that hands each TCP or UDP connection going from interface group
+    ``from_group`` out of group ``to_group`` to it. Once a connection is in
+    the flowtable the kernel forwards its packets from ingress on, past the
+    IP hooks (linux Documentation/networking/nf_flowtable.rst).
+
+    ``devices`` is what ``init`` found; vifs come and go with their events
+    (:class:`FlowtableDevice`). Only nftables has flowtables.
+    """
+
+    table: str
+    flowtable: str
+    devices: tuple[str, ...]
+    from_group: int
+    to_group: int
+    forward_priority: int
+    ingress_priority: int = 0
+    netns: str | None = None
+
+    @property
+    def what(self) -> str:
+        return "flow offload"
+
+    def lines(self) -> list[str]:
+        names = ", ".join(self.devices) or "none yet"
+        return [
+            f"firewall {self.what}:",
+            f"  flowtable inet {self.table} {self.flowtable} {{ hook ingress priority {self.ingress_priority}; "
+            f"devices = {{ {names} }} }}",
+            f"  chain inet {self.table} {self.flowtable} {{ type filter hook forward priority "
+            f"{self.forward_priority}; policy accept; }}",
+            f"    meta l4proto {{ tcp, udp }} iifgroup {self.from_group} oifgroup {self.to_group} "
+            f"flow add @{self.flowtable}",
+        ]
+
+    def __str__(self) -> str:
+        return f"firewall {self.what}"
+
+
+@dataclass(frozen=True, slots=True)
+class FlowtableDevice:
+    """One interface among the devices of a flowtable (its ingress hook)."""
+
+    dev: str
+    table: str
+    flowtable: str
+
+    def __str__(self) -> str:
+        return f"device {self.dev} of flowtable inet {self.table} {self.flowtable}"
+
+
 def merge(what: str, *rulesets: Ruleset) -> Ruleset:
     """One ruleset holding the tables of all ``rulesets`` (tables of the same name merged)."""
     tables: dict[tuple[Family, str], Table] = {}

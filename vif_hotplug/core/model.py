@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from .firewall import Ruleset, SetElement
+    from .firewall import FlowOffload, FlowtableDevice, Ruleset, SetElement
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -383,7 +383,8 @@ class Step:
     op: Op
     target: (
         Sysctl | LinkGroup | LinkState | LinkRename | Neighbour | Route | DeviceAddress | Netns | LinkNetns | Veth
-        | ConntrackPurge | AddressRelease | KernelModule | SetElement | Ruleset | HardeningHold
+        | ConntrackPurge | AddressRelease | KernelModule | SetElement | Ruleset | HardeningHold | FlowOffload
+        | FlowtableDevice
     )
     requires_down: str | None = None
 

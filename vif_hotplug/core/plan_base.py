@@ -22,11 +22,17 @@ Per family, in table ``qubes``:
 
 Established traffic is accepted after the fewest checks: ``forward`` and
 ``input`` test conntrack state right after the administrator's chain, and
-the anti-spoofing chains are a set lookup each.
+the anti-spoofing chains are a set lookup each. What each check costs a
+forwarded packet, measured, and why none of them runs after a conntrack
+shortcut: ``docs/performance.md``. A set lookup costs about ten address
+comparisons (``benchmarks/ablate_throughput.py``, calibration rows): a rule
+list of two to four comparisons, as the DNS guard's, is cheaper than one
+lookup in a set of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .firewall import (
@@ -39,6 +45,8 @@ from .firewall import (
     DPort,
     Drop,
     Family,
+    FlowOffload,
+    FlowtableDevice,
     Goto,
     Hook,
     IcmpType,
@@ -73,7 +81,6 @@ LINK_LOCAL6 = "fe80::/64"
 
 FROM_VM = IfGroup("in", VIF_GROUP)
 TO_VM = IfGroup("out", VIF_GROUP)
-NOT_TO_VM = IfGroup("out", VIF_GROUP, negate=True)
 #: netback's names (``vifD.N``; a trailing ``*`` is a prefix match in every backend).
 VIF_NAMES = "vif*"
 FROM_LO = IfName("in", "lo", by_index=True)
@@ -107,11 +114,14 @@ def antispoof_table(family: Family) -> Table:
             Chain(
                 "downstream-out",
                 (
+                    # Towards a VM interface first: the replies to every VM's connections
+                    # leave after one comparison (an accept ends only this chain).
+                    rule(TO_VM, verdict=Accept()),
                     # Towards a VM's address only through a VM interface: not out of the
                     # uplink while its route is missing or going (offline), nor for a
                     # switched-off VM of this netvm (connected).
-                    rule(NOT_TO_VM, InSet("downstream", "dst"), verdict=Drop(), counter=True),
-                    rule(NOT_TO_VM, InSet("connected", "dst"), verdict=Drop(), counter=True),
+                    rule(InSet("downstream", "dst"), verdict=Drop(), counter=True),
+                    rule(InSet("connected", "dst"), verdict=Drop(), counter=True),
                 ),
                 Hook("postrouting", "filter", PRIORITY["raw"]),
             ),
@@ -299,6 +309,52 @@ def plan_base(ipv6: bool, ipv6_in_kernel: bool = True, forwarding: bool = True) 
         notes.append("netvm IPv6 is off: ip6 forwarding dropped, nothing from VMs, the netvm's own IPv6 "
                      "elsewhere as current Qubes")
     return BasePlan(tuple(steps), tuple(notes))
+
+
+#: Current Qubes' flow offload (qubes-core-agent-linux ``network/vif-route-qubes``, at every
+#: online): table ``inet qubes-nat-accel``, flowtable ``qubes-accel`` at ingress, and chain
+#: ``qubes-accel`` at forward priority filter + 5 ("run after other filter hooks"), offloading TCP
+#: and UDP from VM interfaces (group 2) out of group 1, the group Qubes' ``network/setup-ip``
+#: gives the netvm's own uplink ``eth0``. Qubes' chain also ends with a ``counter`` of every
+#: forwarded packet, which nothing reads: left out.
+ACCEL_TABLE = "qubes-nat-accel"
+ACCEL_FLOWTABLE = "qubes-accel"
+UPLINK_GROUP = 1
+
+
+def flow_offload(devices: Iterable[str]) -> FlowOffload:
+    """The flowtable over ``devices`` (sorted, each once) and the chain that offloads VM-to-uplink flows."""
+    return FlowOffload(ACCEL_TABLE, ACCEL_FLOWTABLE, tuple(sorted(set(devices))), VIF_GROUP, UPLINK_GROUP,
+                       PRIORITY["filter"] + 5)
+
+
+def flowtable_device(dev: str) -> FlowtableDevice:
+    return FlowtableDevice(dev, ACCEL_TABLE, ACCEL_FLOWTABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadPlan:
+    """What ``init`` does about flow offload: the step (``None``: nothing) and the line it logs once."""
+
+    step: Step | None
+    note: str
+
+
+def plan_flow_offload(missing: str | None, vifs: Iterable[str], uplinks: Iterable[str]) -> OffloadPlan:
+    """Flow offload over the VM interfaces and uplinks there are now, when the kernel has flowtables.
+
+    ``missing`` is why the kernel cannot have one (``None``: it can). Only
+    these two groups' interfaces are hooked: a flowtable's ingress hook
+    costs every packet of its device something, and only flows from group 2
+    out of group 1 are offloaded. Vifs that come later are added by their
+    online (:func:`flowtable_device`).
+    """
+    if missing is not None:
+        return OffloadPlan(None, f"no flow offload: {missing}; every packet takes the netfilter path")
+    devices = [*vifs, *uplinks]
+    return OffloadPlan(Step("ensure", flow_offload(devices)),
+                       f"flow offload: flowtable inet {ACCEL_TABLE} {ACCEL_FLOWTABLE} over {len(set(devices))} "
+                       f"interface(s) for TCP/UDP from group {VIF_GROUP} out of group {UPLINK_GROUP}")
 
 
 def plan_stop(ipv6_in_kernel: bool = True) -> tuple[Step, ...]:

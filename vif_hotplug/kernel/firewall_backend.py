@@ -13,7 +13,7 @@ import subprocess
 from typing import Literal, Protocol
 
 from ..core.errors import InvalidInput
-from ..core.firewall import Family, Ruleset, SetElement, SetName
+from ..core.firewall import Family, FlowOffload, FlowtableDevice, Ruleset, SetElement, SetName
 
 BackendName = Literal["nftables", "iptables"]
 BACKEND_CHOICES = ("auto", "nftables", "iptables")
@@ -51,6 +51,22 @@ class FirewallBackend(Protocol):
     def describe(self, ruleset: Ruleset) -> list[str]:
         """``ruleset`` in this backend's own syntax, for ``-v`` and ``--dry-run``."""
         ...
+
+    def flow_offload_missing(self) -> str | None:
+        """Why flows cannot be offloaded here (``None``: they can). Changes nothing."""
+        ...
+
+    def ensure_offload(self, offload: FlowOffload) -> bool:
+        """Make the kernel hold ``offload`` (its devices at least); whether anything changed."""
+        ...
+
+    def offload_drift(self, offload: FlowOffload) -> list[str]: ...
+
+    def add_flow_device(self, device: FlowtableDevice) -> bool: ...
+
+    def remove_flow_device(self, device: FlowtableDevice) -> bool: ...
+
+    def flow_device_present(self, device: FlowtableDevice) -> bool: ...
 
     def owns_state(self) -> bool:
         """Whether this package's tables, chains or sets exist in this backend."""

@@ -14,7 +14,7 @@ import threading
 from dataclasses import replace
 from ipaddress import ip_network
 
-from ..core.firewall import Family, Ruleset, SetElement, SetName
+from ..core.firewall import Family, FlowOffload, FlowtableDevice, Ruleset, SetElement, SetName
 from ..core.handlers import ActionOps, EnsureOps, Handlers, ObjectOps, SettingOps
 from ..core.model import (
     DEFAULT_GROUP,
@@ -88,6 +88,8 @@ class KernelHost:
             Veth: ObjectOps(ns.add_veth, ns.remove_veth, ns.veth_present),
             SetElement: ObjectOps(fw.add_element, fw.remove_element, fw.element_present),
             Ruleset: EnsureOps(fw.ensure, fw.drift),
+            FlowOffload: EnsureOps(fw.ensure_offload, fw.offload_drift),
+            FlowtableDevice: ObjectOps(fw.add_flow_device, fw.remove_flow_device, fw.flow_device_present),
             ConntrackPurge: ActionOps(lambda p: self._purge(p.addresses)),
             AddressRelease: ActionOps(self._release),
             KernelModule: ActionOps(lambda m: load_module(m.name, shutil.which("modprobe", path=self._tools_path))),
@@ -165,6 +167,10 @@ class KernelHost:
             out.append(AddressRoute(addr, False, link.name, link.alias, link.group == VIF_GROUP,
                                     found.scope == RT_SCOPE_LINK, found.dst_len))
         return tuple(out)
+
+    def flow_offload_missing(self) -> str | None:
+        """Why this firewall cannot offload flows (``None``: it can): a probe that changes nothing."""
+        return self.firewall.flow_offload_missing()
 
     @staticmethod
     def module_loadable(name: str) -> bool:

@@ -42,6 +42,11 @@ Facts this module is built around:
   #316, #325). A ruleset with extension targets is applied one family per
   forked child, so no process of ours (a resident agent included) ever
   loads one; the anti-spoofing ruleset of every event has none.
+* xtables has no flow offload: the ``FLOWOFFLOAD`` target exists only in
+  OpenWrt's kernel patches, never in Linux itself, and an nftables
+  flowtable beside legacy xtables would take established packets past this
+  backend's chains. :meth:`IptablesBackend.flow_offload_missing` says so,
+  and the flow offload intents are no-ops here.
 * ``import iptc`` runs ``ldconfig`` to find the extensions unless
   ``XTABLES_LIBDIR`` is set, and pulls setuptools in through its distutils
   shim: :func:`load_iptc` avoids both.
@@ -72,6 +77,8 @@ from ..core.firewall import (
     DPort,
     Drop,
     Family,
+    FlowOffload,
+    FlowtableDevice,
     Goto,
     IcmpType,
     IfGroup,
@@ -529,6 +536,33 @@ class IptablesBackend:
     def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
         return [SetElement(family, set_name, net, dev)
                 for net, dev in self._sets.members(ipset_name(set_name, family))]
+
+    # --- flow offload (none) -----------------------------------------------------------
+
+    @staticmethod
+    def flow_offload_missing() -> str | None:
+        return ("the iptables backend has none (xtables' FLOWOFFLOAD target is an OpenWrt kernel patch, "
+                "not in Linux)")
+
+    @staticmethod
+    def ensure_offload(f: FlowOffload) -> bool:
+        return False
+
+    @staticmethod
+    def offload_drift(f: FlowOffload) -> list[str]:
+        return []
+
+    @staticmethod
+    def add_flow_device(d: FlowtableDevice) -> bool:
+        return False
+
+    @staticmethod
+    def remove_flow_device(d: FlowtableDevice) -> bool:
+        return False
+
+    @staticmethod
+    def flow_device_present(d: FlowtableDevice) -> bool:
+        return False
 
     # --- ownership ---------------------------------------------------------------------
 

@@ -18,6 +18,13 @@ Qubes. Facts this module is built around:
   comparing the two lists of expressions tells what differs.
 * Listings are terse (no set elements), so ensuring the chains costs the
   same with 1000 VMs as with none.
+* Flow offload (:class:`~vif_hotplug.core.firewall.FlowOffload`) lives in
+  a table of its own, ``inet qubes-nat-accel`` as in current Qubes. Whether
+  the kernel can have a flowtable at all is asked by sending the whole
+  table in a batch that is never committed (libnftables' dry run, ``nft
+  -c``: the batch goes without its end message, so the kernel validates
+  every command, flowtable type and ``flow add`` expression included, then
+  aborts it). Without ``CONFIG_NF_FLOW_TABLE`` the kernel answers ENOENT.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from ..core.firewall import (
     DPort,
     Drop,
     Family,
+    FlowOffload,
+    FlowtableDevice,
     Goto,
     IcmpType,
     IfGroup,
@@ -57,7 +66,7 @@ from ..core.firewall import (
     Table,
     Verdict,
 )
-from ..core.plan_base import TABLE
+from ..core.plan_base import ACCEL_TABLE, TABLE
 from .locks import file_lock
 from .netns import thread_netns
 from .nfnl import Nfnl, nft_key
@@ -83,6 +92,16 @@ _REJECT: dict[str, Json] = {
     "icmp6-adm-prohibited": {"type": "icmpv6", "expr": "admin-prohibited"},
     "tcp-reset": {"type": "tcp reset"},
 }
+
+
+#: The throw-away table of the flowtable probe; the probe's batch is never committed.
+PROBE_TABLE = "qubes-nat-accel-probe"
+#: nft's ``priority filter`` of a flowtable's ingress hook.
+_PROBE = """add table inet {t}
+add flowtable inet {t} ft {{ hook ingress priority 0; }}
+add chain inet {t} c {{ type filter hook forward priority 5; policy accept; }}
+add rule inet {t} c meta l4proto {{ tcp, udp }} iifgroup 2 oifgroup 1 flow add @ft
+"""
 
 
 def _token(generation: int) -> str:
@@ -210,6 +229,52 @@ def _set_specs(family: Family, table: str, name: SetName) -> list[Json]:
 def _element_value(e: SetElement) -> Any:
     addr = _address(e.network)
     return {"concat": [e.dev, addr]} if e.dev is not None else addr
+
+
+def _offload_commands(f: FlowOffload) -> list[Json]:
+    """The batch that (re)creates ``f`` whole: its table dropped and made again (as current Qubes
+    does at every online), so nothing of an older layout stays."""
+    table = {"family": "inet", "name": f.table}
+    flowtable: Json = {"family": "inet", "table": f.table, "name": f.flowtable, "hook": "ingress",
+                       "prio": f.ingress_priority}
+    if f.devices:
+        flowtable["dev"] = list(f.devices)
+    chain = {"family": "inet", "table": f.table, "name": f.flowtable, "type": "filter", "hook": "forward",
+             "prio": f.forward_priority, "policy": "accept"}
+    return [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}},
+            {"add": {"flowtable": flowtable}}, {"add": {"chain": chain}},
+            {"add": {"rule": {"family": "inet", "table": f.table, "chain": f.flowtable, "expr": _offload_rule(f)}}}]
+
+
+def _offload_rule(f: FlowOffload) -> list[Json]:
+    return [_match(_meta("l4proto"), {"set": ["tcp", "udp"]}), _match(_meta("iifgroup"), f.from_group),
+            _match(_meta("oifgroup"), f.to_group), {"flow": {"op": "add", "flowtable": f"@{f.flowtable}"}}]
+
+
+def _devices(spec: Json) -> set[str]:
+    dev = spec.get("dev", [])
+    return {dev} if isinstance(dev, str) else set(dev)
+
+
+def _offload_drift(f: FlowOffload, items: list[Json] | None) -> list[str]:
+    """What keeps the kernel's ``inet`` table of ``f`` from being ``f`` (``items``: its listing,
+    ``None`` when missing). Devices beyond ``f``'s are vifs their online added: not a difference."""
+    where = f"inet {f.table}"
+    if items is None:
+        return [f"table {where} missing"]
+    tables = {k: [i[k] for i in items if k in i] for k in ("flowtable", "chain", "rule")}
+    ft = next((x for x in tables["flowtable"] if x.get("name") == f.flowtable), None)
+    chain = next((x for x in tables["chain"] if x.get("name") == f.flowtable), None)
+    rules = [_normalise(r["expr"]) for r in tables["rule"] if r.get("chain") == f.flowtable]
+    out = []
+    if ft is None or (ft.get("hook"), ft.get("prio")) != ("ingress", f.ingress_priority):
+        out.append(f"flowtable {where} {f.flowtable} missing or on another hook")
+    elif set(f.devices) - _devices(ft):
+        out.append(f"flowtable {where} {f.flowtable} lacks {', '.join(sorted(set(f.devices) - _devices(ft)))}")
+    if chain is None or (chain.get("type"), chain.get("hook"), chain.get("prio"), chain.get("policy")) != (
+            "filter", "forward", f.forward_priority, "accept") or rules != [_offload_rule(f)]:
+        out.append(f"chain {where} {f.flowtable} missing or differs")
+    return out
 
 
 class _Current:
@@ -520,6 +585,129 @@ class NftablesBackend:
             out += [SetElement(family, set_name, net, dev) for net, dev in members]
         return out
 
+    # --- flow offload ----------------------------------------------------------------------
+
+    def _dry_run(self, text: str) -> tuple[int, str]:
+        """``text`` sent to the kernel in a batch that is never committed (libnftables' dry run).
+
+        The Python binding has no dry-run switch; libnftables has
+        ``nft_ctx_set_dry_run`` (libnftables(3)), reached here on a context of
+        its own, opened in this backend's namespace.
+        """
+        import ctypes
+
+        lib = ctypes.CDLL("libnftables.so.1")
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error", "nft_ctx_free"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        with thread_netns(self._netns):
+            ctx = lib.nft_ctx_new(0)
+        if not ctx:
+            raise KernelError("cannot load libnftables for the flowtable probe")
+        try:
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            lib.nft_ctx_set_dry_run(ctx, True)
+            with thread_netns(self._netns):
+                rc = int(lib.nft_run_cmd_from_buffer(ctx, text.encode()))
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        finally:
+            lib.nft_ctx_free(ctx)
+        return rc, err
+
+    def flow_offload_missing(self) -> str | None:
+        """Why this kernel cannot offload flows (``None``: it can). Changes nothing.
+
+        The probe is the flowtable of current Qubes and its ``flow add`` rule
+        in a throw-away table, in a batch that is never committed. A kernel
+        that has them as modules may load them (``nf-flowtable-1``,
+        ``nft-expr-flow_offload``), as installing them would.
+        """
+        rc, err = self._dry_run(_PROBE.format(t=PROBE_TABLE))
+        if rc == 0:
+            return None
+        return (f"the kernel refused a flowtable ({_first_error(err)}): it needs CONFIG_NF_FLOW_TABLE, "
+                "CONFIG_NF_FLOW_TABLE_INET and CONFIG_NFT_FLOW_OFFLOAD")
+
+    def _list_accel(self, table: str) -> list[Json] | None:
+        nft = self._ctx()
+        nft.set_terse_output(True)
+        try:
+            rc, out, err = self._try([{"list": {"table": {"family": "inet", "name": table}}}])
+        finally:
+            nft.set_terse_output(False)
+        if rc != 0:
+            if _missing(err):
+                return None
+            raise KernelError(f"nftables list table inet {table}: {_first_error(err)}")
+        return list(out.get("nftables", [])) if isinstance(out, dict) else []
+
+    def ensure_offload(self, f: FlowOffload) -> bool:
+        """Make the kernel hold ``f``: whole when anything but devices differs, else the devices it lacks added."""
+        if f.netns is not None and f.netns != self._netns:
+            other = self._in(f.netns)
+            try:
+                return other.ensure_offload(f)
+            finally:
+                other.close()
+        with file_lock(self._lock_path, self._lock_timeout, "nftables lock"):
+            differs = _offload_drift(f, self._list_accel(f.table))
+            if not differs:
+                return False
+            if all(" lacks " in d for d in differs):
+                self._run([{"add": {"flowtable": {"family": "inet", "table": f.table, "name": f.flowtable,
+                                                  "hook": "ingress", "prio": f.ingress_priority,
+                                                  "dev": list(f.devices)}}}], "flowtable devices")
+            else:
+                self._run(_offload_commands(f), f.what)
+        log.debug("nftables: %s committed (%s)", f.what, "; ".join(differs))
+        return True
+
+    def offload_drift(self, f: FlowOffload) -> list[str]:
+        backend = self._in(f.netns)
+        try:
+            return _offload_drift(f, backend._list_accel(f.table))
+        finally:
+            if backend is not self:
+                backend.close()
+
+    def _flowtable_cmd(self, op: str, d: FlowtableDevice) -> str:
+        # Text, as for interval elements: the JSON parser of libnftables 1.0.6 takes no device
+        # list on "delete flowtable". The name is an interface name validated long before.
+        return (f"{op} flowtable inet {d.table} {d.flowtable} "
+                f'{{ hook ingress priority 0; devices = {{ "{d.dev}" }}; }}')
+
+    def add_flow_device(self, d: FlowtableDevice) -> bool:
+        """Hook ``d.dev`` into the flowtable: one device, whatever the flowtable holds already
+        (the kernel skips a device it has). ``False`` when the flowtable is gone (logged)."""
+        with thread_netns(self._netns):
+            rc, _, err = self._ctx().cmd(self._flowtable_cmd("add", d))
+        if rc == 0:
+            return True
+        if _missing(err):
+            log.warning("%s: flowtable inet %s %s is gone: its flows are not offloaded", d.dev, d.table, d.flowtable)
+            return False
+        raise KernelError(f"cannot add {d}: {_first_error(err)}")
+
+    def remove_flow_device(self, d: FlowtableDevice) -> bool:
+        with thread_netns(self._netns):
+            rc, _, err = self._ctx().cmd(self._flowtable_cmd("delete", d))
+        if rc == 0:
+            return True
+        if _missing(err):
+            return False  # not among its devices, or no flowtable
+        raise KernelError(f"cannot remove {d}: {_first_error(err)}")
+
+    def flow_device_present(self, d: FlowtableDevice) -> bool:
+        items = self._list_accel(d.table) or []
+        return any(d.dev in _devices(i["flowtable"]) for i in items
+                   if "flowtable" in i and i["flowtable"].get("name") == d.flowtable)
+
     # --- ownership ------------------------------------------------------------------------
 
     def owns_state(self) -> bool:
@@ -528,7 +716,7 @@ class NftablesBackend:
             cur = self._list_table(family, TABLE)
             if set(cur.chains) & set(OWNED_CHAINS) or cur.sets & set(SET_NAMES):
                 return True
-        return False
+        return self._list_accel(ACCEL_TABLE) is not None
 
     def remove_all(self) -> bool:
         """Delete our chains and sets from ``qubes``; the table goes only when nothing else is left."""
@@ -553,6 +741,10 @@ class NftablesBackend:
                 if cmds:
                     self._run(cmds, f"removing {_fam(fam)} {TABLE}")
                     changed = True
+            if self._list_accel(ACCEL_TABLE) is not None:
+                self._run([{"delete": {"table": {"family": "inet", "name": ACCEL_TABLE}}}],
+                          f"removing inet {ACCEL_TABLE}")
+                changed = True
         return changed
 
 
