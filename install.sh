@@ -1,48 +1,60 @@
 #!/usr/bin/env bash
-# Install vif-hotplug on a real driver domain (Debian-like), as root.
-#   sudo ./install.sh            PREFIX defaults to /opt/vif-hotplug
-#   sudo PREFIX=/opt/x ./install.sh
+# Build the Debian packages from this checkout and install them with apt, as root.
+#
+#   sudo ./install.sh          vif-hotplug (the runtime)
+#   sudo ./install.sh --lab    vif-hotplug and vif-hotplug-lab (the lab, the embedded xenstored)
+#
+# The build runs in a temporary copy of the checkout (the checkout is never
+# written); apt then installs the .deb files and Debian's own packages they
+# depend on (python3-pyroute2, python3-nftables, python3-iptables, ...): no
+# pip, no virtualenv, no compiler on the driver domain. Nothing goes to
+# /usr/local or /opt. See docs/install.md for what the package enables and
+# for the install in a Qubes template.
 set -euo pipefail
 cd "$(dirname "$0")"
-PREFIX="${PREFIX:-/opt/vif-hotplug}"
 
-# libnftables (the nftables backend) and the legacy xtables libraries
-# python-iptables loads (the iptables backend).
-if command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnftables1 iptables ipset conntrack >/dev/null
+lab=
+case "${1:-}" in
+    "") ;;
+    --lab) lab=yes ;;
+    *) echo "usage: sudo ./install.sh [--lab]" >&2; exit 2 ;;
+esac
+if [ "$(id -u)" != 0 ]; then
+    echo "install.sh: run as root (apt-get install)" >&2
+    exit 1
 fi
-python3 -m venv "$PREFIX"
-"$PREFIX/bin/python" -m pip install -q --disable-pip-version-check .
-# The thin client, a module importable without site-packages (python3 -I -S),
-# byte-compiled here; the tools on PATH start it, not the full package: the
-# agent does the work when it runs (README, Resident agent).
-install -d "$PREFIX/libexec"
-install -m 0644 vif_hotplug/agent/client.py "$PREFIX/libexec/vif_hotplug_client.py"
-"$PREFIX/bin/python" -m compileall -q "$PREFIX/libexec"
-for tool in vif-route-qubes qubes-setup-dnat-to-ns vif-hotplug; do
-    rm -f "/usr/local/bin/$tool"
-    cat > "/usr/local/bin/$tool" <<WRAPPER
-#!/bin/sh
-exec "$PREFIX/bin/python3" -I -S -c 'import sys; sys.path[0:0] = [sys.argv.pop(1)]; import vif_hotplug_client; vif_hotplug_client.main()' "$PREFIX/libexec" $tool "\$@"
-WRAPPER
-    chmod 0755 "/usr/local/bin/$tool"
+
+# Debian's tools and interpreter, whatever PATH the caller has (a python3 of a
+# version manager has neither Debian's modules nor its build plugins).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+build_deps=(dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel git)
+missing=()
+for pkg in "${build_deps[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
-install -d /etc/xen/scripts /etc/udev/rules.d /etc/vif-hotplug
-sed "s|/opt/vif-hotplug|$PREFIX|" etc/xen/scripts/vif-route-qubes > /etc/xen/scripts/vif-route-qubes
-chmod 0755 /etc/xen/scripts/vif-route-qubes
-install -m 0644 udev/60-vif-hotplug.rules /etc/udev/rules.d/
-if [ -d /etc/NetworkManager/dispatcher.d ]; then
-    install -m 0755 etc/NetworkManager/dispatcher.d/qubes-nmhook /etc/NetworkManager/dispatcher.d/
+work=$(mktemp -d /var/tmp/vif-hotplug-build.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+mkdir "$work/src"
+if git rev-parse --git-dir >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard | grep -zv '^\.venv' | tar --null -cf - -T - | tar -C "$work/src" -xf -
+else
+    tar --exclude='./.venv*' --exclude='*/__pycache__' -cf - . | tar -C "$work/src" -xf -
 fi
-if [ -d /etc/systemd/system ]; then
-    for unit in vif-hotplug-init.service vif-hotplug-agent.socket vif-hotplug-agent.service \
-                vif-hotplug-dns-watch.service; do
-        install -m 0644 "etc/systemd/system/$unit" /etc/systemd/system/
-    done
-    systemctl daemon-reload 2>/dev/null || true
-    systemctl enable vif-hotplug-init.service vif-hotplug-agent.socket 2>/dev/null || true
-    # vif-hotplug-dns-watch.service is not enabled: it is for netvms without
-    # NetworkManager (which has the dispatcher hook).
+(cd "$work/src" && dpkg-buildpackage -b -us -uc >"$work/build.log" 2>&1) || {
+    tail -40 "$work/build.log" >&2
+    echo "install.sh: the package build failed (log above)" >&2
+    exit 1
+}
+
+debs=("$work"/vif-hotplug_*_all.deb)
+if [ -n "$lab" ]; then
+    debs+=("$work"/vif-hotplug-lab_*_all.deb)
 fi
-echo "installed into $PREFIX; configure /etc/vif-hotplug/netvm.conf unless QubesDB/XenStore provide the netvm parameters"
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y "${debs[@]}"
+echo "install.sh: installed ${debs[*]##*/}; next: /etc/vif-hotplug/netvm.conf and docs/install.md"
