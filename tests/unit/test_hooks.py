@@ -148,4 +148,4 @@ def test_hooks_get_a_minimal_environment_whoever_ran_the_event(
     run_hooks(hooks(hooks_dir, "10.137.0.5"))
     seen = calls(log)
     assert "SECRET=leaked" not in seen and "vif=vif4.0" in seen
-    assert any(line.startswith("PATH=/usr/local/sbin:") for line in seen)
+    assert any(line.startswith("PATH=/usr/sbin:") for line in seen)

@@ -281,3 +281,10 @@ def test_virtual_dns_drops_duplicates_and_absent_values() -> None:
 def test_own_addresses_are_gateways_and_virtual_dns() -> None:
     p = parse_conf(CONF).params
     assert p is not None and {str(a) for a in p.own_addresses} == {"10.137.0.1", "fd09::1", "10.139.1.1", "10.139.1.2"}
+
+
+def test_a_comment_after_a_value_is_a_comment_as_the_conffile_shows_it() -> None:
+    from vif_hotplug.core.netvm_params import parse_conf
+
+    conf = parse_conf("[netvm]\ngateway = 10.137.0.1   # the netvm's own address\n")
+    assert conf.params is not None and str(conf.params.gateway) == "10.137.0.1"

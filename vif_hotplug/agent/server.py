@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import registry
-from ..app.log_setup import current_ident, current_tag, own_or_warning, system_handlers, tagged
+from ..app.log_setup import current_ident, current_tag, own_or_warning, stderr_is_the_journal, system_handlers, tagged
 from ..app.runtime import Runtime
 from ..app.settings import AGENT_LOCK_TIMEOUT
 from ..core.errors import HotplugError
@@ -148,7 +148,8 @@ def configure_logging() -> None:
     stderr.setLevel(logging.INFO)
     stderr.addFilter(lambda r: _sink.get() is None and own_or_warning(r))
     stderr.setFormatter(logging.Formatter(f"{registry.UMBRELLA} agent: %(message)s"))
-    root.addHandler(stderr)
+    if not stderr_is_the_journal():
+        root.addHandler(stderr)
 
 
 def _order_key(prog: str, argv: Sequence[str], env: Mapping[str, str]) -> str:

@@ -82,6 +82,18 @@ class _SystemFormatter(_TagFormatter):
         return f"{current_ident.get() or self._ident}[{os.getpid()}]: "
 
 
+def stderr_is_the_journal() -> bool:
+    """Whether stderr is systemd's journal stream (``JOURNAL_STREAM``, systemd.exec(5)): then every
+    line written there is in the journal already, beside the one sent to ``/dev/log``."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = stream.partition(":")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return bool(stream) and dev == str(st.st_dev) and ino == str(st.st_ino)
+
+
 def system_handlers(ident: str) -> list[logging.Handler]:
     """syslog and Xen's hotplug log, where they exist; INFO and up, tagged by :data:`current_tag`."""
     out: list[logging.Handler] = []
@@ -117,7 +129,9 @@ class ProcessLogs:
         self._stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
         self._stderr.setFormatter(_TagFormatter(f"{ident}: ", current_tag.get))
         self._stderr.addFilter(own_or_warning)
-        root.addHandler(self._stderr)
+        if not stderr_is_the_journal():
+            # Under systemd the system log has these lines already: not twice.
+            root.addHandler(self._stderr)
         for h in system_handlers(ident):
             root.addHandler(h)
 

@@ -42,7 +42,8 @@ DEFAULT_CONF = "/etc/vif-hotplug/netvm.conf"
 DEFAULT_LOCK = "/run/vif-hotplug.lock"
 DEFAULT_STATE_DIR = "/run/vif-hotplug"
 DEFAULT_XTABLES_LOCK = "/run/xtables.lock"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Debian's own directories only: /usr/local is per-qube storage in a template-based qube.
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 #: How long any lock (hotplug, xtables, nftables, DNS) is waited for. libxl
 #: gives a hotplug script 40 s (LIBXL_HOTPLUG_TIMEOUT): a client that waited
 #: for the agent (``agent.client.TIMEOUT``) and then does the work itself must

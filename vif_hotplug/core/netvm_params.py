@@ -78,7 +78,9 @@ class NetvmConf:
 
 
 def _parse_ini(text: str, origin: str) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None)
+    # "gateway = 10.137.0.1   # the netvm's own address": a comment after a value, as the
+    # commented conffile and the README show them (no value here ever holds a "#").
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#",))
     try:
         parser.read_string(text, source=origin)
     except configparser.Error as exc:
