@@ -89,7 +89,7 @@ def run_init(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs
         result = initialize(settings, runtime, backend, runtime.hotplug_lock(settings), dry_run=args.dry_run,
                             on_step=fault_hook(settings, "init", runtime), resolv_conf=args.resolv_conf)
         if args.dry_run or args.verbose:
-            out("\n".join(plan_text(result.plan, runtime.host(settings, backend))))
+            out("\n".join(plan_text(result.plan, runtime.host(settings, backend, read_only=args.dry_run))))
         if not args.dry_run:
             log.info("init applied: %d change(s)" if result.changes else "init already in place: nothing changed",
                      *([result.changes] if result.changes else []))
@@ -122,9 +122,8 @@ def run_stop(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs
 
 def run_connected_ips(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, logs: LogControl, out: Out,
                       prog: str) -> Answer:
-    from .app.backend_state import note_in_use
+    from .app.backend_state import note_in_use, resolve
     from .app.connected import update_connected, watch_connected
-    from .app.switch import settle_backend
 
     p = _parser(prog, (
         "Make the connected sets (addresses of every VM using this netvm, running or not: netvm.conf "
@@ -137,7 +136,8 @@ def run_connected_ips(argv: Sequence[str], env: Mapping[str, str], runtime: Runt
 
     def work() -> int:
         settings = runtime.settings(env, args.backend)
-        backend = settle_backend(settings, runtime)
+        # The sets of the backend holding the state: moving it is for init and the events.
+        backend = resolve(settings).in_use
         host = runtime.host(settings, backend)
         xs = runtime.xenstore(settings)
         try:
@@ -179,7 +179,7 @@ def run_status(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime, lo
         if view.pending:
             log.warning("netvm.conf asks for the %s backend; the state is in %s until a changing command moves it",
                         view.target, view.in_use)
-        host = runtime.host(settings, view.in_use)
+        host = runtime.host(settings, view.in_use, read_only=True)
         xs = runtime.xenstore(settings)
         try:
             result = status(settings, host, view.in_use, xs, runtime.qubesdb(settings), init=view.init,
@@ -215,7 +215,7 @@ def run_reconcile(argv: Sequence[str], env: Mapping[str, str], runtime: Runtime,
     def work() -> int:
         settings = runtime.settings(env, args.backend)
         backend = resolve(settings).in_use if args.dry_run else settle_backend(settings, runtime)
-        host = runtime.host(settings, backend)
+        host = runtime.host(settings, backend, read_only=args.dry_run)
         xs = runtime.xenstore(settings)
         try:
             result = reconcile(settings, host, xs, runtime.qubesdb(settings), lock=runtime.hotplug_lock(settings),

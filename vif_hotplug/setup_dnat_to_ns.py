@@ -91,7 +91,7 @@ def run(
         finally:
             xs.close()
         backend = resolve(settings).in_use if args.dry_run else settle_backend(settings, runtime)
-        host = runtime.host(settings, backend)
+        host = runtime.host(settings, backend, read_only=args.dry_run)
         show = out if args.verbose or args.dry_run else None
         if args.watch:
             return watch(settings, host, host.firewall.describe, virtual, args.resolv_conf, show=show), None

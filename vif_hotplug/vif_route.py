@@ -132,7 +132,7 @@ def run(
                 except HotplugError:
                     pass
             return 1, None
-        host = runtime.host(settings, backend)
+        host = runtime.host(settings, backend, read_only=ns.dry_run)
         outcome = handle_event(
             event, settings, host, xs, runtime.qubesdb(settings), runtime.hotplug_lock(settings),
             dry_run=ns.dry_run, on_step=fault_hook(settings, event.command, runtime),

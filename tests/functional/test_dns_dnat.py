@@ -400,10 +400,12 @@ def watcher(
 ) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text(f"nameserver {SERVER_A}\n")
-    proc = netvm.popen(
-        [entry_point(TOOL), "--watch", "--resolv-conf", str(resolv)],
-        env={**os.environ, **conf_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "watch.log"
+    with log.open("w") as err:
+        proc = netvm.popen(
+            [entry_point(TOOL), "-vv", "--watch", "--resolv-conf", str(resolv)],
+            env={**os.environ, **conf_env}, stdout=subprocess.DEVNULL, stderr=err,
+        )
     try:
         first = dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
         wait_for("the first apply", lambda: fw(netvm, backend).dnat() == first)
@@ -420,6 +422,7 @@ def test_watch_reapplies_when_resolv_conf_is_replaced(
     _, resolv = watcher
     replace_file(resolv, f"nameserver {SERVER_B}\n")
     wait_for("new rules", lambda: fw(netvm, backend).dnat() == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B))
+    assert_woken_by_inotify(resolv.parent / "watch.log")
 
 
 def test_watch_reapplies_when_resolv_conf_is_rewritten_in_place(
@@ -428,6 +431,16 @@ def test_watch_reapplies_when_resolv_conf_is_rewritten_in_place(
     _, resolv = watcher
     resolv.write_text(f"nameserver {SERVER_B}\n")
     wait_for("new rules", lambda: fw(netvm, backend).dnat() == dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B))
+    assert_woken_by_inotify(resolv.parent / "watch.log")
+
+
+def assert_woken_by_inotify(log: Path) -> None:
+    """The change was not found by the watch's 2 s poll (which would hide a broken inotify): it woke
+    the watch through inotify, or came before the watch went back to waiting."""
+    lines = log.read_text().splitlines()
+    applied = [i for i, line in enumerate(lines) if "DNS DNAT now" in line]
+    assert len(applied) >= 2, lines
+    assert not any("(poll)" in line for line in lines[applied[0]:applied[-1]]), lines
 
 
 def test_watch_keeps_running_until_missing_resolv_conf_appears(
@@ -450,20 +463,25 @@ def test_watch_keeps_running_until_missing_resolv_conf_appears(
         proc.communicate()
 
 
-def test_watch_follows_etc_resolv_conf_by_default(netvm: Netns, backend: str, conf_env: dict[str, str]) -> None:
+def test_watch_follows_etc_resolv_conf_by_default(
+    netvm: Netns, backend: str, conf_env: dict[str, str], tmp_path: Path,
+) -> None:
     # /etc/resolv.conf is the namespace's file bind-mounted by ip netns exec:
     # only in-place writes reach it, so this also proves the file itself is watched.
     set_resolv_conf(netvm, f"nameserver {SERVER_A}\n")
-    proc = netvm.popen(
-        [entry_point(TOOL), "--watch"], env={**os.environ, **conf_env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "watch.log"
+    with log.open("w") as err:
+        proc = netvm.popen(
+            [entry_point(TOOL), "-vv", "--watch"], env={**os.environ, **conf_env},
+            stdout=subprocess.DEVNULL, stderr=err,
+        )
     try:
         first = dnat(DNS1, SERVER_A) + dnat(DNS2, SERVER_A)
         wait_for("the first apply", lambda: fw(netvm, backend).dnat() == first)
         set_resolv_conf(netvm, f"nameserver {SERVER_B}\n")
         second = dnat(DNS1, SERVER_B) + dnat(DNS2, SERVER_B)
         wait_for("new rules", lambda: fw(netvm, backend).dnat() == second)
+        assert_woken_by_inotify(log)
     finally:
         proc.kill()
         proc.wait()

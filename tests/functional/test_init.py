@@ -406,3 +406,18 @@ def _send_cmd(src: str) -> str:
     from vif_hotplug.lab.probe import send_udp_argv
 
     return shlex.join(send_udp_argv(src, f"{UPLINK_NET}.2", 5000, "forged", count=1))
+
+
+@pytest.mark.parametrize("admin_rule", [False, True], ids=["empty", "with a port forward"])
+def test_after_a_switch_to_nftables_the_legacy_services_chain_goes_unless_the_administrator_uses_it(
+    make_netns: NetnsFactory, admin_rule: bool,
+) -> None:
+    with running_netvm(make_netns, IPV4, "iptables") as netvm:
+        netvm.tool("init")
+        if admin_rule:
+            netvm.ns.run("iptables-legacy", "-t", "nat", "-A", "PR-QBS-SERVICES", "-p", "tcp", "--dport", "8080",
+                         "-j", "DNAT", "--to-destination", "10.137.0.9:80")
+        netvm.tool("init", "--backend", "nftables")
+        nat = netvm.ns.run("iptables-legacy-save", "-t", "nat").stdout
+        assert ("PR-QBS-SERVICES" in nat) is admin_rule
+        assert ("-j PR-QBS-SERVICES" in nat) is admin_rule

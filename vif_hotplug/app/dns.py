@@ -18,6 +18,7 @@ when the uplink's resolver changes (Qubes issue 10444).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import select
@@ -113,7 +114,8 @@ def apply_dns(
     nothing changed, as Qubes' script exits 100 before it asks). Raises
     ``HotplugError``.
     """
-    with file_lock(settings.dns_lock, settings.lock_timeout, "DNS lock"):
+    # A dry run reads only: no lock (not even its file) is taken.
+    with contextlib.nullcontext() if dry_run else file_lock(settings.dns_lock, settings.lock_timeout, "DNS lock"):
         upstreams = read_upstreams(virtual, resolv_conf)
         ruleset = plan_dns_ruleset(virtual, upstreams.servers, chained_to=upstreams.virtual_listed)
         log.info("%s", _source_summary(upstreams))
@@ -211,7 +213,10 @@ def watch(
                 fds = [stop.fd] + ([ino.fd] if ino is not None else [])
                 ready, _, _ = select.select(fds, [], [], WATCH_INTERVAL)
                 if ino is not None and ino.fd in ready and not stop.requested:
+                    log.debug("woke: a resolver file changed (inotify)")
                     time.sleep(WATCH_SETTLE)
+                elif not ready:
+                    log.debug("woke: %gs passed (poll)", WATCH_INTERVAL)
             finally:
                 if ino is not None:
                     ino.close()

@@ -91,7 +91,7 @@ def initialize(
     qubesdb = runtime.qubesdb(settings)
     try:
         params = netvm_params(settings, qubesdb, xs.read)
-        host = runtime.host(settings, backend)
+        host = runtime.host(settings, backend, read_only=dry_run)
         plan = plan_init(params, kernel_has_ipv6(), host, settings, qubesdb, xs.read,
                          dns_ruleset(params, resolv_conf))
         if host.module_loadable(NETBACK):

@@ -36,7 +36,7 @@ class Runtime:
     def __init__(self, lock_timeout: float = FALLBACK_LOCK_TIMEOUT, role: str = "local") -> None:
         self.lock_timeout = lock_timeout
         self.role = role
-        self._hosts: dict[tuple[str, str, str, str], KernelHost] = {}
+        self._hosts: dict[tuple[str, str, str, str, bool], KernelHost] = {}
         self._lock = threading.Lock()
         self._qubesdb: QubesDBCache | None = None
         self._qubesdb_looked = False
@@ -46,20 +46,22 @@ class Runtime:
         process's lock patience. Raises ``InvalidInput``."""
         return replace(settings_from_env(env).with_backend(backend), lock_timeout=self.lock_timeout)
 
-    def host(self, settings: Settings, backend: BackendName) -> KernelHost:
-        """The kernel host whose firewall is ``backend``."""
+    def host(self, settings: Settings, backend: BackendName, read_only: bool = False) -> KernelHost:
+        """The kernel host whose firewall is ``backend``; ``read_only`` for a command that must not
+        write even the state directory (the rulesets it finds complete are remembered in memory)."""
         from ..kernel.firewall_backend import open_backend
         from ..kernel.host import KernelHost
         from ..kernel.state_files import netns_key, records_trusted, state_file
 
         # Per namespace too: a state record names the namespace it describes.
-        key = (backend, settings.xtables_lock, settings.nftables_lock, netns_key())
+        key = (backend, settings.xtables_lock, settings.nftables_lock, netns_key(), read_only)
         with self._lock:
             host = self._hosts.get(key)
             if host is None:
                 # Without namespace cookies a record cannot tell a reused inode from its own
                 # namespace: the rulesets found complete are then remembered in memory only.
-                verified = state_file(settings.state_dir, f"verified-{backend}") if records_trusted() else None
+                persist = records_trusted() and not read_only
+                verified = state_file(settings.state_dir, f"verified-{backend}") if persist else None
                 host = KernelHost(open_backend(backend, settings.xtables_lock, settings.nftables_lock,
                                                settings.lock_timeout, verified),
                                   connected_memo=state_file(settings.state_dir, f"connected-{backend}"),

@@ -590,6 +590,15 @@ class IptablesBackend:
                             if table.is_chain(x.name):
                                 self._drop_chain(iptc, table, enc, x)
                                 dirty = True
+                        services = NAMES[("qubes", "services")]
+                        if xt_table == services.table and table.is_chain(services.name):
+                            # Qubes 4.0's chain for the administrator's port forwards: gone with
+                            # its jump when nothing is in it, kept (and its jump) when something is.
+                            if iptc.Chain(table, services.name).rules:
+                                log.warning("iptables -t nat %s holds rules: left in place", services.name)
+                            else:
+                                self._drop_chain(iptc, table, enc, services)
+                                dirty = True
                         if xt_table in POLICY_TABLES:
                             for builtin in ("INPUT", "FORWARD"):
                                 bchain = iptc.Chain(table, builtin)
