@@ -200,3 +200,27 @@ from vif_hotplug.kernel.set_dump import nft_members
 print(json.dumps(len(set(nft_members(Nfnl(), 4, "qubes", "allowed", True)))))
 """)
     assert got == 1000
+
+
+def test_a_dump_for_one_device_among_a_thousand_lists_its_elements_and_no_name_that_contains_it(
+    netns: Netns,
+) -> None:
+    require_tool("nft")
+    require_tool("ipset")
+    netns.sh(QUBES_SETS)
+    elements = ", ".join(f'"vif{i}.0" . 10.137.{i // 250}.{i % 250 + 1}' for i in range(1000))
+    # "vif4.0" is the tail of "vif14.0" and "xvif4.0" and the head of "vif4.01": none of them is it.
+    elements += ', "xvif4.0" . 10.137.9.1, "vif4.01" . 10.137.9.2, "vif4.0" . 10.137.9.3'
+    netns.run("nft", f"add element ip qubes allowed {{ {elements} }}")
+    netns.sh("ipset create qbs-allowed4 hash:net,iface; ipset add qbs-allowed4 10.137.0.5,vif4.0; "
+             "ipset add qbs-allowed4 10.137.0.6,xvif4.0; ipset add qbs-allowed4 10.137.0.15,vif14.0")
+    got = _in(netns, """
+from vif_hotplug.kernel.nfnl import Nfnl
+from vif_hotplug.kernel.set_dump import ipset_members, nft_members
+n = Nfnl()
+print(json.dumps([sorted(map(list, nft_members(n, 4, "qubes", "allowed", True, dev="vif4.0"))),
+                  sorted(map(list, nft_members(n, 4, "qubes", "allowed", True, dev="vif1000.0"))),
+                  sorted(map(list, ipset_members(n, "qbs-allowed4", dev="vif4.0")))]))
+""")
+    assert got == [[["10.137.0.5/32", "vif4.0"], ["10.137.9.3/32", "vif4.0"]], [],
+                   [["10.137.0.5/32", "vif4.0"]]]

@@ -44,8 +44,9 @@ class FirewallBackend(Protocol):
 
     def element_present(self, element: SetElement) -> bool: ...
 
-    def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
-        """Every element of a set (a listing that grows with the VMs: not for the event path)."""
+    def elements(self, family: Family, set_name: SetName, dev: str | None = None) -> list[SetElement]:
+        """Every element of a set, or only those naming interface ``dev`` (a listing of the set: the
+        kernel's dump grows with the VMs, the decoding only with ``dev``'s elements)."""
         ...
 
     def describe(self, ruleset: Ruleset) -> list[str]:

@@ -179,8 +179,8 @@ class KernelHost:
 
     def device_elements(self, dev: str) -> list[SetElement]:
         """The ``allowed`` elements naming ``dev`` (a listing of the sets: first online and offline only)."""
-        return [e for f in families_of(kernel_has_ipv6(self._proc_sys)) for e in self.firewall.elements(f, "allowed")
-                if e.dev == dev]
+        return [e for f in families_of(kernel_has_ipv6(self._proc_sys))
+                for e in self.firewall.elements(f, "allowed", dev) if e.dev == dev]
 
     def routed_elsewhere(self, network: str, dev: str) -> bool:
         """Whether another VM interface routes exactly ``network`` (one route lookup)."""

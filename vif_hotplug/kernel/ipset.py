@@ -98,9 +98,9 @@ class IpSets:
     def test(self, name: str, fam: int, e: Entry) -> bool:
         return self._member("test", name, fam, e)
 
-    def members(self, name: str) -> list[Entry]:
-        """Every member of set ``name`` (empty if the set does not exist): one netlink dump."""
+    def members(self, name: str, dev: str | None = None) -> list[Entry]:
+        """Every member of set ``name`` (naming ``dev``; empty if the set does not exist): one netlink dump."""
         try:
-            return ipset_members(self._nfnl, name)
+            return ipset_members(self._nfnl, name, dev)
         except OSError as exc:
             raise KernelError(f"cannot list set {name}: {_text(exc)}") from exc

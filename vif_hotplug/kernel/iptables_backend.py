@@ -533,9 +533,9 @@ class IptablesBackend:
     def element_present(self, e: SetElement) -> bool:
         return self._sets.test(ipset_name(e.set, e.family), e.family, self._entry(e))
 
-    def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
-        return [SetElement(family, set_name, net, dev)
-                for net, dev in self._sets.members(ipset_name(set_name, family))]
+    def elements(self, family: Family, set_name: SetName, dev: str | None = None) -> list[SetElement]:
+        return [SetElement(family, set_name, net, name)
+                for net, name in self._sets.members(ipset_name(set_name, family), dev)]
 
     # --- flow offload (none) -----------------------------------------------------------
 

@@ -572,14 +572,15 @@ class NftablesBackend:
             return False
         raise KernelError(f"cannot look up {e}: {_first_error(err)}")
 
-    def elements(self, family: Family, set_name: SetName) -> list[SetElement]:
-        """Every element, over netfilter netlink (:mod:`.set_dump`): one dump per physical set."""
+    def elements(self, family: Family, set_name: SetName, dev: str | None = None) -> list[SetElement]:
+        """Every element (naming ``dev``), over netfilter netlink (:mod:`.set_dump`): one dump per physical set."""
         out: list[SetElement] = []
         nfnl = self._netlink()
         for physical in (set_name, set_name + NETS_SUFFIX) if set_name in NETWORK_SETS else (set_name,):
             try:
                 with thread_netns(self._netns):
-                    members = nft_members(nfnl, family, TABLE, physical, with_ifname=set_name == "allowed")
+                    members = nft_members(nfnl, family, TABLE, physical, with_ifname=set_name == "allowed",
+                                          dev=dev)
             except OSError as exc:
                 raise KernelError(f"cannot list set {_fam(family)} {TABLE} {physical}: {exc.strerror}") from exc
             out += [SetElement(family, set_name, net, dev) for net, dev in members]

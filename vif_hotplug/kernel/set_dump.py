@@ -90,8 +90,16 @@ def _network(family: int, start: int, end: int | None) -> str:
     return str(ip_network(f"{cls(start)}/{prefix}", strict=False))
 
 
-def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname: bool) -> list[Member]:
-    """Every element of an nftables set (empty when the set or table does not exist)."""
+def _padded(dev: str | None) -> bytes | None:
+    """How ``dev`` appears in a dump: its name and the NUL after it (every element key pads it so)."""
+    return dev.encode("utf-8", "surrogateescape") + b"\0" if dev is not None else None
+
+
+def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname: bool,
+                dev: str | None = None) -> list[Member]:
+    """Every element of an nftables set (empty when the set or table does not exist), or only those
+    naming interface ``dev``: a reply without its name is skipped unparsed, so a listing for one
+    device among a thousand costs little more than the kernel's dump."""
     body = (_nfgen(NFPROTO_IPV6 if family == 6 else NFPROTO_IPV4) + attr(NFTA_SET_ELEM_LIST_TABLE, cstr(table))
             + attr(NFTA_SET_ELEM_LIST_SET, cstr(set_name)))
     try:
@@ -106,7 +114,10 @@ def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname:
     # (pipapo) holds one element with KEY_END, its last address.
     starts: list[tuple[int, str | None]] = []
     ends: list[int] = []
+    wanted = _padded(dev) if with_ifname else None
     for _, payload in replies:
+        if wanted is not None and wanted not in payload:
+            continue
         for t, elements in attrs(payload, _NFGENMSG.size):
             if t != NFTA_SET_ELEM_LIST_ELEMENTS:
                 continue
@@ -118,6 +129,8 @@ def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname:
                     continue
                 flags = struct.unpack(">I", fields[NFTA_SET_ELEM_FLAGS][:4])[0] if NFTA_SET_ELEM_FLAGS in fields else 0
                 name, key = _split(_value(fields[NFTA_SET_ELEM_KEY]), family, with_ifname)
+                if wanted is not None and name != dev:
+                    continue
                 if flags & NFT_SET_ELEM_INTERVAL_END:
                     ends.append(key)
                 elif NFTA_SET_ELEM_KEY_END in fields:
@@ -134,8 +147,8 @@ def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname:
     return out
 
 
-def ipset_members(nfnl: Nfnl, name: str) -> list[Member]:
-    """Every member of an ipset (empty when the set does not exist)."""
+def ipset_members(nfnl: Nfnl, name: str, dev: str | None = None) -> list[Member]:
+    """Every member of an ipset (empty when the set does not exist), or only those naming ``dev``."""
     body = (_nfgen(0) + attr(IPSET_ATTR_PROTOCOL, bytes([IPSET_PROTOCOL])) + attr(IPSET_ATTR_SETNAME, cstr(name)))
     try:
         replies = nfnl.request((NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST, NLM_F_DUMP, body)
@@ -144,7 +157,10 @@ def ipset_members(nfnl: Nfnl, name: str) -> list[Member]:
             return []
         raise
     out: list[Member] = []
+    wanted = _padded(dev)
     for _, payload in replies:
+        if wanted is not None and wanted not in payload:
+            continue
         for t, adt in attrs(payload, _NFGENMSG.size):
             if t != IPSET_ATTR_ADT:
                 continue
@@ -160,6 +176,8 @@ def ipset_members(nfnl: Nfnl, name: str) -> list[Member]:
                     continue
                 cidr = fields[IPSET_ATTR_CIDR][0] if IPSET_ATTR_CIDR in fields else addr.max_prefixlen
                 iface = fields.get(IPSET_ATTR_IFACE)
-                out.append((f"{addr}/{cidr}", iface.split(b"\0", 1)[0].decode("utf-8", "replace")
-                            if iface is not None else None))
+                iname = iface.split(b"\0", 1)[0].decode("utf-8", "replace") if iface is not None else None
+                if wanted is not None and iname != dev:
+                    continue
+                out.append((f"{addr}/{cidr}", iname))
     return out
