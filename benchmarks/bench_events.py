@@ -37,8 +37,8 @@ Goals (for each firewall backend):
 (c) 100 wrapper processes at once: every vif hotplug-status=connected,
     wall <= 25x the single-event p50 of (a);
 (d) ``qubes-setup-dnat-to-ns --resolv-conf F`` with nothing to change (exit
-    100), the command NetworkManager's hook runs (``/usr/local/bin``'s, the
-    thin client as install.sh writes it): p50 <= 1.5x the floor (the pip
+    100), the command NetworkManager's hook runs (``/usr/bin``'s, the
+    thin client as the Debian package writes it): p50 <= 1.5x the floor (the pip
     console script in PREFIX/bin reported beside it);
 (e) in-process fallback (agent off) online: p50 <= 0.4x the old code's.
 
@@ -209,10 +209,10 @@ def main() -> int:
             rec("xen vif-route offline", xen.timed(xen_job("offline"), agent=False))
 
         def old_cycle(rec: Record) -> None:
-            rec("old eb75760 online", old.timed(old_job("online"), agent=False))
+            rec(f"old {args.old_commit} online", old.timed(old_job("online"), agent=False))
             assert old.status(DOMID) == "connected", old.status(DOMID)
             old.clear_status([DOMID])
-            rec("old eb75760 offline", old.timed(old_job("offline"), agent=False))
+            rec(f"old {args.old_commit} offline", old.timed(old_job("offline"), agent=False))
 
         def agent_cycle(nv: Netvm, label: str) -> Variant:
             def fn(rec: Record) -> None:
@@ -311,11 +311,11 @@ def main() -> int:
                               args.storm, 1.0, unit="vifs", op=">=",
                               note="all connected" if all_conn else "some vif not connected"))
         goal(f"(d) {b} dns installed command vs floor", wall(f"{b} dns installed command"), wall(fl), 1.5,
-             note="/usr/local/bin/qubes-setup-dnat-to-ns as install.sh writes it (the NetworkManager hook's)")
+             note="/usr/bin/qubes-setup-dnat-to-ns as the Debian package writes it (the NetworkManager hook's)")
         goal(f"(d) {b} dns pip console script vs floor (reported)", wall(f"{b} dns console script"), wall(fl), 1.5,
              note="PREFIX/bin/qubes-setup-dnat-to-ns: imports the package before it tries the agent")
-        goal(f"(e) {b} in-process online vs old eb75760", wall(f"{b} in-process 0 others online"),
-             wall("old eb75760 online"), 0.4)
+        goal(f"(e) {b} in-process online vs old {args.old_commit}", wall(f"{b} in-process 0 others online"),
+             wall(f"old {args.old_commit} online"), 0.4)
 
     print()
     print(f"{NAME}: {info['cpu_model']}, nproc {info['nproc']}, kernel {info['uname_r']}, "

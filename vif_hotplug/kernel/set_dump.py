@@ -98,8 +98,8 @@ def _padded(dev: str | None) -> bytes | None:
 def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname: bool,
                 dev: str | None = None) -> list[Member]:
     """Every element of an nftables set (empty when the set or table does not exist), or only those
-    naming interface ``dev``: a reply without its name is skipped unparsed, so a listing for one
-    device among a thousand costs little more than the kernel's dump."""
+    naming interface ``dev``: a reply, then an element, without its name is skipped unparsed, so a
+    listing for one device among a thousand costs little more than the kernel's dump."""
     body = (_nfgen(NFPROTO_IPV6 if family == 6 else NFPROTO_IPV4) + attr(NFTA_SET_ELEM_LIST_TABLE, cstr(table))
             + attr(NFTA_SET_ELEM_LIST_SET, cstr(set_name)))
     try:
@@ -122,7 +122,7 @@ def nft_members(nfnl: Nfnl, family: int, table: str, set_name: str, with_ifname:
             if t != NFTA_SET_ELEM_LIST_ELEMENTS:
                 continue
             for lt, element in attrs(elements):
-                if lt != NFTA_LIST_ELEM:
+                if lt != NFTA_LIST_ELEM or (wanted is not None and wanted not in element):
                     continue
                 fields = dict(attrs(element))
                 if NFTA_SET_ELEM_KEY not in fields:
@@ -165,7 +165,7 @@ def ipset_members(nfnl: Nfnl, name: str, dev: str | None = None) -> list[Member]
             if t != IPSET_ATTR_ADT:
                 continue
             for dt, data in attrs(adt):
-                if dt != IPSET_ATTR_DATA:
+                if dt != IPSET_ATTR_DATA or (wanted is not None and wanted not in data):
                     continue
                 fields = dict(attrs(data))
                 addr = None
