@@ -22,7 +22,7 @@ import pytest
 from vif_hotplug.agent.client import encode_request
 
 from .conftest import NetnsFactory, entry_point
-from .hotplug_env import GATEWAY, Netvm, fault, running_netvm
+from .hotplug_env import GATEWAY, Netvm, fault, mute_unix_server, running_netvm
 
 pytestmark = pytest.mark.netns
 
@@ -302,38 +302,12 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(netvm: Netvm) -> 
 def test_an_agent_that_accepts_and_never_answers_still_leaves_the_event_done_within_libxls_deadline(
     netvm: Netvm,
 ) -> None:
-    import threading
-
     netvm.stop_agent()
     netvm.add_vm(4)
-    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    netvm.agent_socket.parent.mkdir(parents=True, exist_ok=True)
-    netvm.agent_socket.unlink(missing_ok=True)
-    wedged.bind(str(netvm.agent_socket))
-    wedged.listen(8)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept_and_hold() -> None:
-        wedged.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(wedged.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept_and_hold, daemon=True)
-    thread.start()
-    try:
+    with mute_unix_server(netvm.agent_socket) as held:
         start = time.monotonic()
         proc = netvm.hotplug("online", 4, env={"VIF_HOTPLUG_AGENT": "on"}, check=False)
         elapsed = time.monotonic() - start
-    finally:
-        stop.set()
-        thread.join()
-        for c in held:
-            c.close()
-        wedged.close()
     assert held, "the client never reached the wedged agent"
     assert proc.returncode == 0 and netvm.status(4) == "connected", proc.stderr
     assert elapsed < 40  # LIBXL_HOTPLUG_TIMEOUT: libxl would have given up on the vif

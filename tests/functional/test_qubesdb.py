@@ -16,12 +16,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import polling
 from tests.qubesdb_daemon import STANDIN_DIR, StandinQubesDB, tools_dir
 from tests.qubesdb_fixtures import NETVM_DB
 
@@ -72,12 +72,7 @@ def qubesdb_read_env(netvm: Netvm, qdb: StandinQubesDB) -> dict[str, str]:
 
 
 def eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
+    return polling.eventually(check, seconds)
 
 
 def netns_list() -> str:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from .conftest import NetnsFactory, entry_point
-from .hotplug_env import GATEWAY, UPLINK_NET, Netvm, received, running_netvm, udp_listen, udp_send, wait_for_line
+from .hotplug_env import (
+    GATEWAY,
+    UPLINK_NET,
+    Netvm,
+    mute_unix_server,
+    received,
+    running_netvm,
+    udp_listen,
+    udp_send,
+    wait_for_line,
+)
 
 CONF = f"""[netvm]
 gateway = {GATEWAY}
@@ -413,33 +421,11 @@ def test_unreachable_xenstore_is_a_clear_error(netvm: Netvm) -> None:
 
 def test_a_xenstore_that_never_answers_gives_an_error_not_a_hang(netvm: Netvm) -> None:
     netvm.add_vm(4)
-    path = str(netvm.tmp / "mute.sock")
-    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    mute.bind(path)
-    mute.listen(8)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        mute.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(mute.accept()[0])
-            except OSError:
-                pass
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
+    path = netvm.tmp / "mute.sock"
+    with mute_unix_server(path):
         before = netvm.dump()
-        proc = netvm.hotplug("online", 4, env={"XENSTORED_PATH": path}, check=False)
+        proc = netvm.hotplug("online", 4, env={"XENSTORED_PATH": str(path)}, check=False)
         _assert_rejected(netvm, proc, "did not answer", before, status_domid=None)
-    finally:
-        stop.set()
-        t.join()
-        for c in accepted:
-            c.close()
-        mute.close()
 
 
 def test_help_explains_both_invocation_forms() -> None:

@@ -99,6 +99,7 @@ def agent_processes() -> list[str]:
 
 
 def wait_for(check: Callable[[], bool], deadline: float = 20.0) -> bool:
+    # Not tests/polling.py's: this file is copied alone into the container and runs there.
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if check():

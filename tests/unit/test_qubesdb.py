@@ -11,7 +11,6 @@ ordering. Nothing here needs root.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests import polling
 from tests.qubesdb_daemon import StandinQubesDB, forget_standin
 from tests.qubesdb_fixtures import (  # noqa: F401
     CONNECTED,
@@ -71,12 +71,7 @@ def within(seconds: float, fn: Callable[[], Any]) -> Any:
 
 
 def eventually(check: Callable[[], bool], seconds: float = 5.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.01)
-    return check()
+    return polling.eventually(check, seconds, interval=0.01)
 
 
 # --- the same parameters either way ---------------------------------------------------------------
